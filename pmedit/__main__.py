@@ -1,0 +1,3 @@
+from pmedit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,40 @@
+"""The ``pmedit`` command line: one sub-command per module under pmedit/commands/.
+
+Each command module defines ``HELP`` (one line), ``add_arguments(parser)`` and
+``run(args) -> int``; modules are imported only when their command runs, so ``pmedit --help``
+does not import torch.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+COMMANDS = {
+    "edit": ("pmedit.commands.edit", "edit facts in a model and show completions before/after"),
+    "stats": ("pmedit.commands.stats", "collect (or import) C0 second-moment statistics"),
+    "experiment": ("pmedit.commands.experiment", "run an experiment of the batch-size study"),
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pmedit", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    chosen = next((a for a in argv if a in COMMANDS), None)
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        if name == chosen:  # only the command that runs pays for its imports
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``pmedit`` CLI (see pmedit/cli.py for the protocol)."""
