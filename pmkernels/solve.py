@@ -1,0 +1,546 @@
+"""Cholesky-based solves for the preservation–memorization closed forms (ROME, MEMIT, EMMET).
+
+The three editors are linear algebra over one symmetric positive-definite (SPD) preservation
+matrix C = λ·C0 (d×d). The research code inverts C explicitly in fp64 for every batch and then
+inverts D = KᵀC⁻¹K, with a pinv fallback and no checks. Here C is factored once (Cholesky,
+with bounded relative jitter when it is numerically semidefinite), the factor is reused across
+batches and updated in O(d²k) when edits join the preservation term, and every quantity of the
+form KᵀC⁻¹K comes from the whitened keys L⁻¹K, never from C⁻¹.
+
+All three methods are one formula, Δ = R (KᵀC⁻¹K + λₑI)⁻¹ KᵀC⁻¹ = R Kᵀ (KKᵀ + λₑC)⁻¹:
+EMMET as written, MEMIT with λₑ = 1 and ROME with one edit and λₑ = 0. ``pm_delta`` evaluates
+it in the E-dimensional "key space" when E ≤ d (factor C, solve an E×E system) and in the
+d-dimensional "dual" form when E > d (factor KKᵀ + λₑC), which is far cheaper there and is the
+only form that exists when KᵀC⁻¹K is singular.
+
+What this module deliberately does not do: collect C0 (``pmkernels.covariance``), compute keys
+or values (``pmedit``), or batch many small systems (``pmkernels.batched_solve``).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SPDFactor", "NotSPDError", "rank_update", "pm_delta", "DeltaResult", "METHODS"]
+
+METHODS = ("rome", "memit", "emmet")
+
+# First relative jitter tried (times mean(diag A)), per dtype; each retry multiplies it by 10.
+# Sized a few ulps above the rounding noise of a Cholesky pivot so that a well-posed but
+# semidefinite matrix (D = KᵀC⁻¹K with dependent keys) is rescued with the least perturbation.
+_DEFAULT_EPS = {torch.float64: 1e-14, torch.float32: 1e-7}
+_DEFAULT_RETRIES = 6
+
+
+class NotSPDError(ValueError):
+    """A matrix stayed non-positive-definite through the whole jitter budget."""
+
+
+def _finite_or_raise(name: str, x: torch.Tensor) -> None:
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0].tolist())
+        raise ValueError(f"{name} has {int(bad.sum())} non-finite entries (first at index {idx}: {x[idx].item()})")
+
+
+def _check_square(name: str, A: torch.Tensor) -> None:
+    if not isinstance(A, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(A).__name__}")
+    if A.ndim != 2 or A.shape[0] != A.shape[1]:
+        raise ValueError(f"{name} must be a square matrix, got shape {tuple(A.shape)}")
+    if not A.dtype.is_floating_point or A.dtype in (torch.float16, torch.bfloat16):
+        raise ValueError(f"{name} must be float32 or float64, got {A.dtype}")
+
+
+def _check_symmetric(name: str, A: torch.Tensor) -> None:
+    # Cholesky reads one triangle only, so an asymmetric input would be silently replaced by
+    # its lower half. sqrt(eps) tolerates the rounding of products like WᵀW (whose two
+    # triangles come from differently ordered dot products) and rejects genuine asymmetry.
+    if A.numel() == 0:
+        return
+    scale = A.abs().max()
+    if scale == 0:
+        return
+    diff = (A - A.mT).abs()
+    worst = diff.max()
+    tol = math.sqrt(torch.finfo(A.dtype).eps) * scale
+    if worst > tol:
+        i, j = divmod(int(diff.argmax()), A.shape[1])
+        raise ValueError(
+            f"{name} is not symmetric: |{name}[{i},{j}] - {name}[{j},{i}]| = {worst.item():.3g} "
+            f"> {tol.item():.3g} (sqrt(eps) x max|{name}|)"
+        )
+
+
+def _lambda_min_bound(A: torch.Tensor, k: int) -> float:
+    """An upper bound on λ_min(A): the smallest eigenvalue of its leading k×k block.
+
+    Cholesky failing at pivot k means that block is not positive definite; by Cauchy
+    interlacing λ_min(A) ≤ λ_min(A[:k,:k]), and the block is far cheaper than all of A.
+    """
+    k = max(1, min(int(k), A.shape[0]))
+    block = A[:k, :k].to(torch.float64)
+    return float(torch.linalg.eigvalsh(0.5 * (block + block.mT))[0])
+
+
+class SPDFactor:
+    """The Cholesky factor L (A + jitter·I = L Lᵀ) of an SPD matrix, factored once and reused.
+
+    ``A`` is never modified. When Cholesky fails, jitter ε·mean(diag A) is added and multiplied
+    by 10 per retry, at most ``max_retries`` times; past that, ``NotSPDError`` reports an upper
+    bound on A's smallest eigenvalue. ``.jitter`` is the absolute jitter used (0.0 when none).
+
+    The factor keeps a reference to ``A`` (not a copy) so that mixed-precision refinement and
+    ``matmul`` can use the exact matrix; low-rank terms added by ``rank_update`` are kept as
+    their key blocks. Pass ``keep_matrix=False`` to drop it.
+    """
+
+    def __init__(
+        self,
+        A: torch.Tensor,
+        *,
+        dtype: torch.dtype | None = None,
+        eps: float | None = None,
+        max_retries: int = _DEFAULT_RETRIES,
+        name: str = "A",
+        keep_matrix: bool = True,
+        check: bool = True,
+    ) -> None:
+        _check_square(name, A)
+        dtype = dtype or A.dtype
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"SPDFactor: dtype must be float32 or float64, got {dtype}")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        if check:
+            _finite_or_raise(name, A)
+            _check_symmetric(name, A)
+        self.name = name
+        self.n = A.shape[0]
+        self.dtype = dtype
+        self.device = A.device
+        self._A = A if keep_matrix else None
+        self._updates: list[torch.Tensor] = []
+        self._cond: float | None = None
+        eps = _DEFAULT_EPS[dtype] if eps is None else float(eps)
+
+        Ad = A.to(dtype)  # a new tensor only when the dtype changes; never written to
+        self.jitter = 0.0
+        self.retries = 0
+        if self.n == 0:
+            self.L = Ad.clone()
+            return
+        L, info = torch.linalg.cholesky_ex(Ad)
+        first_fail = int(info)
+        if first_fail != 0:
+            mean_diag = float(Ad.diagonal().mean())
+            if not mean_diag > 0:
+                raise NotSPDError(
+                    f"{name} ({self.n}x{self.n}) is not positive definite: mean of its diagonal is "
+                    f"{mean_diag:.3g}; λ_min({name}) <= {_lambda_min_bound(Ad, first_fail):.3g}"
+                )
+            eye = torch.eye(self.n, dtype=dtype, device=A.device)
+            for t in range(max_retries):
+                jit = eps * mean_diag * 10.0**t
+                L, info = torch.linalg.cholesky_ex(Ad + jit * eye)
+                if int(info) == 0:
+                    self.jitter, self.retries = jit, t + 1
+                    break
+            else:
+                lam = _lambda_min_bound(Ad, first_fail)
+                raise NotSPDError(
+                    f"{name} ({self.n}x{self.n}, {dtype}) is not positive definite: Cholesky failed at "
+                    f"pivot {first_fail} and still failed with jitter up to "
+                    f"{eps * 10.0 ** max(max_retries - 1, 0):.1e} x mean(diag)={mean_diag:.3g}; "
+                    f"λ_min({name}) <= {lam:.3g} (leading {first_fail}x{first_fail} block)"
+                )
+            log.info("%s: Cholesky needed jitter %.3g (%.1e x mean diag) after %d retries",
+                     name, self.jitter, self.jitter / mean_diag, self.retries)
+        self.L = L
+
+    # ----------------------------------------------------------------- construction helpers
+    @classmethod
+    def _from_factor(cls, L: torch.Tensor, *, jitter: float, A, updates, name: str) -> "SPDFactor":
+        self = cls.__new__(cls)
+        self.name, self.n, self.dtype, self.device = name, L.shape[0], L.dtype, L.device
+        self.L, self.jitter, self.retries = L, jitter, 0
+        self._A, self._updates, self._cond = A, list(updates), None
+        return self
+
+    # ----------------------------------------------------------------------------- solves
+    def _rhs(self, B: torch.Tensor, what: str) -> tuple[torch.Tensor, bool]:
+        if not isinstance(B, torch.Tensor):
+            raise TypeError(f"{what}: expected a torch.Tensor, got {type(B).__name__}")
+        if B.ndim not in (1, 2) or B.shape[0] != self.n:
+            raise ValueError(f"{what}: expected shape [{self.n}] or [{self.n}, m], got {tuple(B.shape)}")
+        if B.device != self.device:
+            raise ValueError(f"{what}: tensor is on {B.device}, the factor on {self.device}")
+        _finite_or_raise(what, B)
+        vec = B.ndim == 1
+        B = B.to(self.dtype)
+        return (B.unsqueeze(1) if vec else B), vec
+
+    def solve(self, B: torch.Tensor) -> torch.Tensor:
+        """A⁻¹B (of the jittered matrix) by two triangular solves; B is [n] or [n, m]."""
+        B2, vec = self._rhs(B, f"{self.name}.solve(B)")
+        X = torch.cholesky_solve(B2, self.L)
+        return X.squeeze(1) if vec else X
+
+    def whiten(self, K: torch.Tensor) -> torch.Tensor:
+        """L⁻¹K: the keys in coordinates where A is the identity."""
+        K2, vec = self._rhs(K, f"{self.name}.whiten(K)")
+        W = torch.linalg.solve_triangular(self.L, K2, upper=False)
+        return W.squeeze(1) if vec else W
+
+    def inv_quad(self, K: torch.Tensor) -> torch.Tensor:
+        """KᵀA⁻¹K = (L⁻¹K)ᵀ(L⁻¹K), symmetric by construction; never forms A⁻¹."""
+        W = self.whiten(K)
+        if W.ndim == 1:
+            return W @ W
+        Q = W.mT @ W
+        return 0.5 * (Q + Q.mT)
+
+    def matmul(self, X: torch.Tensor) -> torch.Tensor:
+        """(A + ΣUUᵀ)X exactly, from the kept matrix and rank-update blocks (no jitter).
+
+        Used for residuals of iterative refinement; needs ``keep_matrix=True``.
+        """
+        if self._A is None:
+            raise RuntimeError(f"{self.name}: the matrix was not kept (keep_matrix=False); matmul is unavailable")
+        out = self._A.to(X.dtype) @ X
+        for U in self._updates:
+            U = U.to(X.dtype)
+            out = out + U @ (U.mT @ X)
+        return out
+
+    @property
+    def has_matrix(self) -> bool:
+        return self._A is not None
+
+    def matrix(self) -> torch.Tensor:
+        """The matrix this factor represents, including jitter: the kept A (+ updates), else L Lᵀ."""
+        if self._A is None:
+            return self.L @ self.L.mT
+        M = self._A.to(self.dtype).clone()
+        for U in self._updates:
+            M.addmm_(U.to(self.dtype), U.to(self.dtype).mT)
+        if self.jitter:
+            M.diagonal().add_(self.jitter)
+        return M
+
+    # -------------------------------------------------------------------------- diagnostics
+    @property
+    def cond_estimate(self) -> float:
+        """2-norm condition number of the factored matrix, estimated in O(n²) per step.
+
+        Power iteration for λ_max (through L Lᵀ) and inverse iteration for λ_min (through the
+        factor), 30 steps each from a fixed random start: a lower bound that is tight when the
+        extreme eigenvalues are separated, and costs a few percent of the factorization.
+        """
+        if self._cond is None:
+            self._cond = _cond_estimate(self.L)
+        return self._cond
+
+    def logdet(self) -> float:
+        return float(2.0 * torch.log(self.L.diagonal()).sum())
+
+    def __repr__(self) -> str:
+        return f"SPDFactor(n={self.n}, dtype={self.dtype}, jitter={self.jitter:.3g}, updates={len(self._updates)})"
+
+
+def _cond_estimate(L: torch.Tensor, steps: int = 30) -> float:
+    n = L.shape[0]
+    if n == 0:
+        return 1.0
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    v = torch.randn(n, 1, generator=gen, dtype=torch.float64).to(device=L.device, dtype=L.dtype)
+    v = v / v.norm()
+    lam_max = 0.0
+    for _ in range(steps):
+        w = L @ (L.mT @ v)
+        lam_max = float(w.norm())
+        if lam_max == 0:
+            return math.inf
+        v = w / lam_max
+    u = torch.randn(n, 1, generator=gen, dtype=torch.float64).to(device=L.device, dtype=L.dtype)
+    u = u / u.norm()
+    inv_max = 0.0
+    for _ in range(steps):
+        w = torch.cholesky_solve(u, L)
+        inv_max = float(w.norm())
+        if not math.isfinite(inv_max) or inv_max == 0:
+            return math.inf
+        u = w / inv_max
+    return lam_max * inv_max
+
+
+# ----------------------------------------------------------------------------- rank update
+def rank_update(factor: SPDFactor, K: torch.Tensor, *, block: int | None = None) -> SPDFactor:
+    """The factor of A + K Kᵀ (K is [n, k]) from the factor of A, in O(n²k); input untouched.
+
+    Blocked orthogonal update: with M = [L | K], A + KKᵀ = M Mᵀ, and an LQ factorisation of
+    each block row of M, taken left to right, turns M into [L' | 0]. Per block of ``nb`` rows
+    the work is one QR of an (nb+k)×nb panel and one (m)×(nb+k)² product on the rows below,
+    Σ ≈ n²(nb+k)²/(2·nb) flops: 2n²k at nb = k. When k is so large that refactoring
+    (≈ n³/3 + n²k) is cheaper, it refactors instead. The jitter of ``factor`` carries over.
+    """
+    if not isinstance(factor, SPDFactor):
+        raise TypeError(f"rank_update: factor must be an SPDFactor, got {type(factor).__name__}")
+    if not isinstance(K, torch.Tensor):
+        raise TypeError(f"rank_update: K must be a torch.Tensor, got {type(K).__name__}")
+    if K.ndim == 1:
+        K = K.unsqueeze(1)
+    if K.ndim != 2 or K.shape[0] != factor.n:
+        raise ValueError(f"rank_update: K must be [{factor.n}, k] to update a {factor.n}x{factor.n} factor, "
+                         f"got {tuple(K.shape)}")
+    if K.device != factor.device:
+        raise ValueError(f"rank_update: K is on {K.device}, the factor on {factor.device}")
+    _finite_or_raise("rank_update K", K)
+    n, k = factor.n, K.shape[1]
+    Kd = K.to(factor.dtype)
+    updates = [*factor._updates, K]
+    if k == 0 or n == 0:
+        return SPDFactor._from_factor(factor.L.clone(), jitter=factor.jitter, A=factor._A, updates=updates,
+                                      name=factor.name)
+    nb = block or max(16, min(k, 256))
+    qr_cost = n * n * (nb + k) ** 2 / (2 * nb)
+    refactor_cost = n**3 + n * n * k  # L Lᵀ (or a kept A) plus KKᵀ, then n³/3
+    if qr_cost > refactor_cost:
+        M = factor.L @ factor.L.mT
+        M.addmm_(Kd, Kd.mT)
+        L, info = torch.linalg.cholesky_ex(M)
+        if int(info) != 0:  # cannot happen for an SPD A, but rounding must not pass silently
+            raise NotSPDError(f"rank_update: refactoring {factor.name} + KKᵀ failed at pivot {int(info)}")
+        return SPDFactor._from_factor(L, jitter=factor.jitter, A=factor._A, updates=updates, name=factor.name)
+
+    L = factor.L.clone()
+    W = Kd.clone()  # the part of the low-rank block still to be absorbed, rows below the panel
+    for s in range(0, n, nb):
+        e = min(s + nb, n)
+        b = e - s
+        panel = torch.cat([L[s:e, s:e], W[s:e]], dim=1)  # [b, b+k]; its LQ gives the new diagonal block
+        Q, Rf = torch.linalg.qr(panel.mT, mode="complete")  # panel = Rfᵀ Qᵀ
+        # Cholesky factors have a positive diagonal; flip the signs QR left negative.
+        sign = torch.sign(Rf.diagonal())
+        sign[sign == 0] = 1
+        Q[:, :b] *= sign
+        L[s:e, s:e] = (Rf[:b].mT * sign).tril()
+        if e < n:
+            rest = torch.cat([L[e:, s:e], W[e:]], dim=1) @ Q  # [m, b+k]
+            L[e:, s:e] = rest[:, :b]
+            W[e:] = rest[:, b:]
+    return SPDFactor._from_factor(L, jitter=factor.jitter, A=factor._A, updates=updates, name=factor.name)
+
+
+# ----------------------------------------------------------------------- the closed forms
+@dataclass
+class DeltaResult:
+    """An update Δ [d_out, d] (fp64) with the numbers that say how far to trust it.
+
+    ``residual``: relative Frobenius residual of the linear system that defines Δ on the route
+    taken, in fp64: ‖ΔK + λₑΛ − R‖/‖R‖ in key space (Λ = R(KᵀC⁻¹K+λₑI)⁻¹; for λₑ = 0 this is
+    exactly ‖(W₀+Δ)K − V‖/‖V − W₀K‖) and ‖Δ(KKᵀ+λₑC) − RKᵀ‖/‖RKᵀ‖ in the dual form.
+    ``jitter`` / ``cond_estimate`` belong to the big d×d factor (C or KKᵀ+λₑC),
+    ``inner_jitter`` to the E×E matrix KᵀC⁻¹K + λₑI (key space only).
+    """
+
+    delta: torch.Tensor
+    residual: float
+    jitter: float
+    cond_estimate: float
+    method: str = "emmet"
+    route: str = "keys"
+    precision: str = "fp64"
+    inner_jitter: float = 0.0
+    refine_steps: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def _refined_solve(matmul64, factor32: SPDFactor, B: torch.Tensor, *, max_steps: int, what: str):
+    """Mixed-precision iterative refinement: fp32 factor, fp64 residuals, fp64 accumulation.
+
+    Converges to the fp64 solution while κ(A)·u32 < 1 (κ up to ~1e6); past that it stagnates,
+    which is detected and reported rather than hidden.
+    """
+    bnorm = float(B.norm())
+    if bnorm == 0:
+        return torch.zeros_like(B), 0.0, 0
+    X = factor32.solve(B.to(torch.float32)).to(torch.float64)
+    best, best_res, steps = X, math.inf, 0
+    floor = 8 * torch.finfo(torch.float64).eps
+    for step in range(max_steps + 1):
+        Rr = B - matmul64(X)
+        res = float(Rr.norm()) / bnorm
+        if res < best_res:
+            best, best_res, steps = X, res, step
+        elif res > 0.5 * best_res:
+            break  # stagnated: more steps only add rounding
+        if res <= floor or step == max_steps:
+            break
+        scale = float(Rr.abs().max())  # keep the correction inside fp32's range
+        X = X + factor32.solve((Rr / scale).to(torch.float32)).to(torch.float64) * scale
+    if best_res > 1e-10:
+        log.warning("%s: fp32 iterative refinement stopped at relative residual %.2e after %d steps "
+                    "(the matrix is too ill-conditioned for fp32; use precision='fp64')", what, best_res, steps)
+    return best, best_res, steps
+
+
+def pm_delta(
+    method: str,
+    R: torch.Tensor,
+    K: torch.Tensor,
+    C: torch.Tensor | SPDFactor,
+    *,
+    lam: float = 1.0,
+    lam_e: float = 0.0,
+    precision: str = "fp64",
+    route: str = "auto",
+    max_refine: int = 10,
+) -> DeltaResult:
+    """Δ [d_out, d] for ROME, MEMIT or EMMET from residuals R [d_out, E] and keys K [d, E].
+
+    ``C`` is C0 [d, d] (the preservation matrix is then ``lam * C0``) or an ``SPDFactor`` of the
+    full preservation matrix, λ already applied (``lam`` is then ignored): factor once, pass the
+    factor for every batch. ``lam_e`` is EMMET's λₑ (MEMIT is λₑ = 1, ROME λₑ = 0 with E = 1).
+    ``precision="fp32"`` factors in fp32 and refines every solve with fp64 residuals (needs the
+    matrix, so a factor must keep it). ``route``: "keys" (E×E system; needs C factored), "dual"
+    (factor KKᵀ + λₑC; needs λₑ > 0) or "auto" (keys when E ≤ d).
+    """
+    method = str(method).lower()
+    if method not in METHODS:
+        raise ValueError(f"pm_delta: unknown method {method!r}; choose one of {METHODS}")
+    if precision not in ("fp64", "fp32"):
+        raise ValueError(f"pm_delta: precision must be 'fp64' or 'fp32', got {precision!r}")
+    if route not in ("auto", "keys", "dual"):
+        raise ValueError(f"pm_delta: route must be 'auto', 'keys' or 'dual', got {route!r}")
+    for nm, t in (("R", R), ("K", K)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"pm_delta: {nm} must be a torch.Tensor, got {type(t).__name__}")
+        if t.ndim != 2:
+            raise ValueError(f"pm_delta: {nm} must be 2-D, got shape {tuple(t.shape)}")
+    d_out, E = R.shape
+    d = K.shape[0]
+    if K.shape[1] != E:
+        raise ValueError(f"pm_delta: R is [d_out={d_out}, E={E}] but K is [d={d}, E={K.shape[1]}]: edit counts differ")
+    if isinstance(C, SPDFactor):
+        if C.n != d:
+            raise ValueError(f"pm_delta: K has d={d} rows but the factor of C is {C.n}x{C.n}")
+        device = C.device
+    elif isinstance(C, torch.Tensor):
+        _check_square("C", C)
+        if C.shape[0] != d:
+            raise ValueError(f"pm_delta: K has d={d} rows but C is {tuple(C.shape)}")
+        device = C.device
+        if not (math.isfinite(lam) and lam > 0):
+            raise ValueError(f"pm_delta: lam must be a positive finite number, got {lam}")
+    else:
+        raise TypeError(f"pm_delta: C must be a tensor (C0) or an SPDFactor, got {type(C).__name__}")
+    for nm, t in (("R", R), ("K", K)):
+        if t.device != device:
+            raise ValueError(f"pm_delta: {nm} is on {t.device} but C is on {device}")
+    if not (math.isfinite(lam_e) and lam_e >= 0):
+        raise ValueError(f"pm_delta: lam_e must be a finite number >= 0, got {lam_e}")
+    _finite_or_raise("R", R)
+    _finite_or_raise("K", K)
+    if method == "rome":
+        if E != 1:
+            raise ValueError(f"pm_delta: ROME edits one fact at a time; got E={E} (use 'memit' or 'emmet')")
+        if lam_e != 0:
+            raise ValueError(f"pm_delta: ROME has no λₑ (got lam_e={lam_e}); use method='emmet'")
+    le = 1.0 if method == "memit" else float(lam_e)
+    if method == "emmet" and E > d and le == 0:
+        raise ValueError(
+            f"pm_delta: EMMET with E={E} edits > d={d}: KᵀC⁻¹K ({E}x{E}) has rank at most {d} and is "
+            f"singular, so the equality-constrained update does not exist; pass lam_e > 0"
+        )
+    R64, K64 = R.to(torch.float64), K.to(torch.float64)
+    if E == 0:
+        return DeltaResult(torch.zeros(d_out, d, dtype=torch.float64, device=device), 0.0, 0.0, math.nan,
+                           method=method, route="empty", precision=precision)
+    if route == "auto":
+        route = "keys" if E <= d or le == 0 else "dual"
+    if route == "dual" and le == 0:
+        raise ValueError("pm_delta: route='dual' needs λₑ > 0 (KKᵀ alone is singular for E < d)")
+
+    fdtype = torch.float32 if precision == "fp32" else torch.float64
+    if isinstance(C, SPDFactor):
+        if precision == "fp32" and not C.has_matrix:
+            raise ValueError("pm_delta: precision='fp32' refines against the matrix itself; the factor was "
+                             "built with keep_matrix=False")
+        # The matrix itself is only needed to refine (fp32) or to form KKᵀ + λₑC (dual).
+        P = C.matrix().to(torch.float64) if (precision == "fp32" or route == "dual") else None
+        Pfac = C if (precision == "fp64" and route == "keys") else None
+    else:
+        P = float(lam) * C.to(torch.float64)  # a new tensor: C is never modified
+        Pfac = None
+
+    if route == "keys":
+        return _keys_route(method, R64, K64, P, Pfac, le, fdtype, max_refine)
+    return _dual_route(method, R64, K64, P, le, fdtype, max_refine)
+
+
+def _keys_route(method, R, K, P, Pfac, le, fdtype, max_refine) -> DeltaResult:
+    d_out, E = R.shape
+    steps = 0
+    if fdtype == torch.float64:
+        fac = Pfac if Pfac is not None else SPDFactor(P, name="C", check=True)
+        W = fac.whiten(K.to(fac.dtype)).to(torch.float64)  # L⁻¹K
+        D = W.mT @ W
+        Z = torch.linalg.solve_triangular(fac.L.mT.to(torch.float64), W, upper=True)  # C⁻¹K = L⁻ᵀ L⁻¹ K
+    else:
+        fac = SPDFactor(P, dtype=torch.float32, name="C", check=True)
+        Z, _, steps = _refined_solve(lambda X: P @ X, fac, K, max_steps=max_refine, what="C⁻¹K")
+        D = K.mT @ Z
+    if method == "rome":
+        # The textbook form, kept separate so that "one-edit EMMET equals ROME" is a real check.
+        q = float(D[0, 0])
+        if not q > 0:
+            raise NotSPDError(f"pm_delta: kᵀC⁻¹k = {q:.3g} is not positive (k is zero or C is not SPD)")
+        delta = R @ Z.mT / q
+        Lam = R / q
+        inner_jit = 0.0
+    else:
+        D = 0.5 * (D + D.mT)
+        if le:
+            D.diagonal().add_(le)
+        Dfac = SPDFactor(D, name="KᵀC⁻¹K + λₑI" if le else "KᵀC⁻¹K", check=False)
+        if Dfac.jitter:
+            log.warning("pm_delta(%s): KᵀC⁻¹K + λₑI (%dx%d) needed jitter %.3g: the keys are (nearly) linearly "
+                        "dependent; the constraints hold only approximately", method, E, E, Dfac.jitter)
+        Y = Dfac.solve(R.mT)  # [E, d_out] = D⁻¹Rᵀ
+        delta = (Z @ Y).mT
+        Lam = Y.mT
+        inner_jit = Dfac.jitter
+    # ΔK + λₑΛ = R is the constraint block of the optimality system; with ΔC = ΛKᵀ (which the
+    # triangular solves satisfy to backward-stable accuracy) it characterises Δ.
+    res_mat = delta @ K - R
+    if le:
+        res_mat = res_mat + le * Lam
+    rn = float(R.norm())
+    residual = float(res_mat.norm()) / rn if rn > 0 else float(res_mat.norm())
+    return DeltaResult(delta.contiguous(), residual, fac.jitter, fac.cond_estimate, method=method, route="keys",
+                       precision="fp64" if fdtype == torch.float64 else "fp32", inner_jitter=inner_jit,
+                       refine_steps=steps)
+
+
+def _dual_route(method, R, K, P, le, fdtype, max_refine) -> DeltaResult:
+    M = torch.addmm(P, K, K.mT, beta=le)  # KKᵀ + λₑC
+    M = 0.5 * (M + M.mT)
+    B = K @ R.mT  # [d, d_out] = K Rᵀ
+    steps = 0
+    if fdtype == torch.float64:
+        fac = SPDFactor(M, name="KKᵀ + λₑC", check=False)
+        X = fac.solve(B)
+    else:
+        fac = SPDFactor(M, dtype=torch.float32, name="KKᵀ + λₑC", check=False)
+        X, _, steps = _refined_solve(lambda Y: M @ Y, fac, B, max_steps=max_refine, what="(KKᵀ+λₑC)⁻¹KRᵀ")
+    bn = float(B.norm())
+    rr = float((M @ X - B).norm())
+    residual = rr / bn if bn > 0 else rr
+    return DeltaResult(X.mT.contiguous(), residual, fac.jitter, fac.cond_estimate, method=method, route="dual",
+                       precision="fp64" if fdtype == torch.float64 else "fp32", refine_steps=steps)
