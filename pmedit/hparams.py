@@ -22,7 +22,7 @@ from typing import Any
 
 METHODS = ("rome", "memit", "emmet")
 PRECISIONS = ("fp64", "fp32")
-STATS_DTYPES = ("float32", "float64")
+MOM2_DTYPES = ("float32", "float64")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,10 +50,11 @@ class EditHparams:
     template_length: int = 10
     value_batch_size: int = 16
     key_batch_size: int = 64
-    # statistics of the preservation term (pmedit.stats.load_or_collect)
-    stats_corpus: str = "wiki-offline"
-    stats_tokens: int = 100_000
-    stats_dtype: str = "float64"
+    # statistics of the preservation term (pmedit.stats.load_or_collect); mom2_dtype is the
+    # dtype C = lam·C0 is factored and held in (float32 halves the d×d memory on large models)
+    mom2_corpus: str = "wiki-offline"
+    mom2_tokens: int = 100_000
+    mom2_dtype: str = "float64"
     # the closed form (pmkernels.solve.pm_delta)
     lam: float = 1.0
     lam_e: float = 0.1
@@ -77,7 +78,7 @@ class EditHparams:
             )
         _choice("method", self.method, METHODS)
         _choice("precision", self.precision, PRECISIONS)
-        _choice("stats_dtype", self.stats_dtype, STATS_DTYPES)
+        _choice("mom2_dtype", self.mom2_dtype, MOM2_DTYPES)
         if self.method == "rome" and len(self.layers) != 1:
             raise ValueError(f"EditHparams field 'layers': ROME edits exactly one layer, got {list(self.layers)}")
         _positive("lr", self.lr)
@@ -87,10 +88,10 @@ class EditHparams:
             _non_negative(name, getattr(self, name))
         for name in ("steps", "n_templates"):
             _non_negative(name, getattr(self, name))
-        for name in ("template_length", "value_batch_size", "key_batch_size", "stats_tokens"):
+        for name in ("template_length", "value_batch_size", "key_batch_size", "mom2_tokens"):
             _positive(name, getattr(self, name))
-        if not self.stats_corpus.strip():
-            raise ValueError("EditHparams field 'stats_corpus': must not be empty")
+        if not self.mom2_corpus.strip():
+            raise ValueError("EditHparams field 'mom2_corpus': must not be empty")
 
     # ---- conversion -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -190,7 +191,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lam_e": 0.1,
         "clamp_norm_factor": 4.0,
         "weight_decay": 1e-3,
-        "stats_tokens": 100_000,
+        "mom2_tokens": 100_000,
     },
     "llama3-8b": {
         "layers": [1],
@@ -202,7 +203,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "clamp_norm_factor": 4.0,
         "lam": 1.0,
         "lam_e": 0.1,
-        "stats_tokens": 100_000,
+        "mom2_tokens": 100_000,
         "value_batch_size": 8,
         "key_batch_size": 16,
     },
