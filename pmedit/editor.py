@@ -299,10 +299,10 @@ class Editor:
         layer = self.layers[0]
         Z, H, _, _ = self._checked_values(reqs, layer, rep, where=where)
         K = self._keys(reqs, layer, rep)  # [d, 1]
-        R = (Z - H).mT.to(device=K.device)  # [d_out, 1]
+        R = (Z - H).mT  # [d_out, 1]
         delta = self._delta("rome", R, K, fac, layer, rep, where=where)
         self._write_all(self._checked_new_weights({layer: delta}, where=where))
-        return rank_update(fac, K.to(fac.dtype)) if self.hparams.keep_prior_edits else fac
+        return rank_update(fac, K.to(device=fac.device, dtype=fac.dtype)) if self.hparams.keep_prior_edits else fac
 
     def _spread_and_write(self, reqs: list, rep: BatchReport, *, where: str) -> dict[int, SPDFactor]:
         """MEMIT's algorithm (also used for EMMET): z at the last layer, residual spread over layers.
@@ -321,13 +321,13 @@ class Editor:
             K = self._keys(reqs, layer, rep)
             if i > 0:
                 H = self._outputs_at_subject(reqs, last)
-            R = ((Z - H) / (n - i)).mT.to(device=K.device)
+            R = ((Z - H) / (n - i)).mT
             fac = self._factors[layer]
             delta = self._delta(hp.method, R, K, fac, layer, rep, where=f"{where}, layer {layer}")
             new = self._checked_new_weights({layer: delta}, where=f"{where}, layer {layer}")
             self._write_all(new)
             if hp.keep_prior_edits:
-                new_factors[layer] = rank_update(fac, K.to(fac.dtype))
+                new_factors[layer] = rank_update(fac, K.to(device=fac.device, dtype=fac.dtype))
         return new_factors
 
     def _delta(self, method: str, R: torch.Tensor, K: torch.Tensor, fac: SPDFactor, layer: int,
@@ -403,8 +403,8 @@ class Editor:
             if tuple(z.shape) != (len(chunk), self.spec.hidden_size) or z.shape != h.shape:
                 raise EditError(f"optimize_values returned z {tuple(z.shape)}, h {tuple(h.shape)} for "
                                 f"{len(chunk)} requests; expected [{len(chunk)}, {self.spec.hidden_size}]")
-            Zs.append(z.to(torch.float64))
-            Hs.append(h.to(torch.float64))
+            Zs.append(z.to(device="cpu", dtype=torch.float64))
+            Hs.append(h.to(device="cpu", dtype=torch.float64))
             rep.value_losses.extend(_per_edit(res.losses, len(chunk), "losses", float))
             rep.value_steps.extend(_per_edit(res.steps, len(chunk), "steps", int))
         rep.seconds_values += time.perf_counter() - t0
@@ -432,20 +432,39 @@ class Editor:
             if tuple(k.shape) != (len(chunk), self._d):
                 raise EditError(f"compute_keys returned {tuple(k.shape)} for {len(chunk)} requests at layer "
                                 f"{layer}; expected [{len(chunk)}, {self._d}]")
-            parts.append(k.detach().to(torch.float64))
+            parts.append(k.detach().to(device="cpu", dtype=torch.float64))
         K = torch.cat(parts).mT.contiguous()
         rep.seconds_keys += time.perf_counter() - t0
         return K
 
     def _outputs_at_subject(self, reqs: list, layer: int) -> torch.Tensor:
-        """Output of ``layer`` at each subject's last token of the bare prompt, current weights."""
-        from pmedit.keys import layer_outputs_at_subject
+        """Output of ``layer`` at each subject's last token of the bare prompt, current weights.
 
-        parts = []
-        for chunk in self._chunks(reqs, max(self.hparams.key_batch_size, 256), f"outputs L{layer}"):
-            parts.append(layer_outputs_at_subject(self.model, self.tokenizer, self.spec, layer, chunk,
-                                                  batch_size=self.hparams.key_batch_size).detach().double())
-        return torch.cat(parts)
+        The same position and prompt as value optimisation's h (pmedit.tokens), so that for the
+        first layer of a spread this equals h; causal attention makes the target tokens that
+        value optimisation appends irrelevant here. Right padding keeps positions from the left.
+        """
+        from pmedit.hooks import Trace
+        from pmedit.tokens import encode_subject_prompt
+
+        name = self.spec.layer_name(layer)
+        device = self.spec.down_proj(self.model, layer).weight.device
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        out = []
+        for chunk in self._chunks(reqs, self.hparams.key_batch_size, f"outputs L{layer}"):
+            enc = [encode_subject_prompt(self.tokenizer, r, None) for r in chunk]
+            n = max(len(e.ids) for e in enc)
+            ids = torch.full((len(enc), n), pad, dtype=torch.long)
+            mask = torch.zeros((len(enc), n), dtype=torch.long)
+            for j, e in enumerate(enc):
+                ids[j, :len(e.ids)] = torch.tensor(e.ids)
+                mask[j, :len(e.ids)] = 1
+            with torch.no_grad(), Trace(self.model, name, retain_output=True, stop=True) as tr:
+                tr.run(input_ids=ids.to(device), attention_mask=mask.to(device))
+            hidden = tr.outputs[name]
+            pos = torch.tensor([e.subject_last for e in enc], device=hidden.device)
+            out.append(hidden[torch.arange(len(enc), device=hidden.device), pos].detach().double().cpu())
+        return torch.cat(out)
 
     # ------------------------------------------------------------------------ restore
     def restore(self) -> None:
