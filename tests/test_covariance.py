@@ -334,3 +334,36 @@ def test_load_state_dict_validates():
     for state, pat in bad:
         with pytest.raises(ValueError, match=pat):
             SecondMoment(3, backend="torch").load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- the cpu backend
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("block", [1, 5, 16])
+def test_cpu_backend_small_block_rows(monkeypatch, block, dtype):
+    """The default block row (256) covers small dims in one GEMM; force many block rows,
+    including a ragged last one, so the upper-triangle tiling itself is exercised."""
+    if _unavailable("cpu") is not None:
+        pytest.skip(_unavailable("cpu"))
+    monkeypatch.setenv("PMKERNELS_COV_BLOCK", str(block))
+    d = 23
+    x = _make((3, 11), d, DTYPES[dtype], seed=block)
+    m = _mask("random", (3, 11), seed=block)
+    for mask in (None, m):
+        acc = SecondMoment(d, backend="cpu").update(x, mask)
+        assert_close_to_reference(acc.sum(), x, mask, rows_in_fp32=33, what=f"cpu block={block}")
+
+
+def test_auto_falls_back_to_torch_when_the_extension_cannot_build(monkeypatch):
+    from pmkernels import covariance_cpu
+
+    monkeypatch.delenv("PMKERNELS_BACKEND", raising=False)
+    monkeypatch.setattr(covariance_cpu, "_ext", lambda: None)
+    assert "could not be built" in covariance_cpu.unavailable_reason(torch.device("cpu"))
+    assert SecondMoment(4).backend == "torch"
+    with pytest.raises(RuntimeError, match="backend 'cpu' cannot run on cpu: the C\\+\\+ extension"):
+        SecondMoment(4, backend="cpu")
+
+
+def test_env_override_picks_the_backend(monkeypatch):
+    monkeypatch.setenv("PMKERNELS_BACKEND", "torch")
+    assert SecondMoment(4).backend == "torch"
