@@ -225,6 +225,17 @@ def _save_plain(model: nn.Module, out: Path) -> None:
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
 
 
+def _write_manifest(directory: Path, source: dict) -> None:
+    """Record size and SHA-256 of every file in ``directory`` for :func:`_verify_cached`."""
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": _sha256_file(p)}
+        for p in sorted(directory.iterdir())
+        if p.is_file() and p.name != _MANIFEST
+    }
+    manifest = {"format": _CACHE_FORMAT, "source": source, "files": files}
+    (directory / _MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
 def _build_cache(gguf: Path, cached: Path, source: dict) -> None:
     """De-quantize the GGUF once and write model + tokenizer into ``cached`` atomically.
 
@@ -246,11 +257,7 @@ def _build_cache(gguf: Path, cached: Path, source: dict) -> None:
     try:
         _save_plain(model, tmp)
         tok.save_pretrained(tmp)
-        files = {
-            p.name: {"size": p.stat().st_size, "sha256": _sha256_file(p)} for p in sorted(tmp.iterdir()) if p.is_file()
-        }
-        manifest = {"format": _CACHE_FORMAT, "source": source, "files": files}
-        (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _write_manifest(tmp, source)
         try:
             os.replace(tmp, cached)
         except OSError:
