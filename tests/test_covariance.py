@@ -367,3 +367,19 @@ def test_auto_falls_back_to_torch_when_the_extension_cannot_build(monkeypatch):
 def test_env_override_picks_the_backend(monkeypatch):
     monkeypatch.setenv("PMKERNELS_BACKEND", "torch")
     assert SecondMoment(4).backend == "torch"
+
+
+def test_triton_tile_pair_enumeration_covers_the_upper_triangle_once():
+    """The kernel's pid → (i, j) map (fp32 sqrt + two fix-ups), replayed in numpy float32 up
+    to t = 2048 tiles per side (d = 14336 needs t = 112 at BLOCK 128, 224 at BLOCK 64)."""
+    import numpy as np
+
+    t = 2048
+    pid = np.arange(t * (t + 1) // 2, dtype=np.int64)
+    j = ((np.sqrt(np.float32(8.0) * pid.astype(np.float32) + np.float32(1.0)) - np.float32(1.0)) * np.float32(0.5))
+    j = j.astype(np.int64)
+    j = np.where((j + 1) * (j + 2) // 2 <= pid, j + 1, j)
+    j = np.where(j * (j + 1) // 2 > pid, j - 1, j)
+    i = pid - j * (j + 1) // 2
+    assert (i >= 0).all() and (i <= j).all() and (j < t).all()
+    assert len(set(zip(i.tolist(), j.tolist()))) == len(pid)
