@@ -383,3 +383,19 @@ def test_triton_tile_pair_enumeration_covers_the_upper_triangle_once():
     i = pid - j * (j + 1) // 2
     assert (i >= 0).all() and (i <= j).all() and (j < t).all()
     assert len(set(zip(i.tolist(), j.tolist()))) == len(pid)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("gpu_backend", ["cuda", "triton"])
+@pytest.mark.parametrize("d", [64, 127, 1536])
+def test_gpu_tf32_when_allowed(gpu_backend, d):
+    """allow_tf32 multiplies fp32 inputs with 10-bit mantissas: each product is off by at most
+    ~2·2⁻¹¹ relative, so the bound becomes (2⁻⁹ + m·u)·(|x|ᵀ|x|) instead of m·u·(|x|ᵀ|x|)."""
+    if _unavailable(gpu_backend) is not None:
+        pytest.skip(_unavailable(gpu_backend))
+    x = _make((300,), d, torch.float32, device="cuda")
+    acc = SecondMoment(d, device="cuda", backend=gpu_backend, allow_tf32=True).update(x)
+    want, _ = reference(x.cpu())
+    absprod = x.cpu().double().abs().T @ x.cpu().double().abs()
+    err = (acc.sum().cpu() - want).abs()
+    assert (err <= (2.0 ** -9 + 2 * 300 * U32) * absprod).all()
