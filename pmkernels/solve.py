@@ -42,6 +42,10 @@ class NotSPDError(ValueError):
 
 
 def _finite_or_raise(name: str, x: torch.Tensor) -> None:
+    # A finite sum proves every entry finite (NaN/Inf propagate): one reduction, no bool temp.
+    # Only a non-finite sum (or an overflowing one) pays for the scan that names the culprit.
+    if x.numel() == 0 or bool(torch.isfinite(x.sum())):
+        return
     bad = ~torch.isfinite(x)
     if bool(bad.any()):
         idx = tuple(int(i) for i in bad.nonzero()[0].tolist())
@@ -66,7 +70,8 @@ def _check_symmetric(name: str, A: torch.Tensor) -> None:
     scale = A.abs().max()
     if scale == 0:
         return
-    diff = (A - A.mT).abs()
+    diff = A - A.mT
+    diff.abs_()
     worst = diff.max()
     tol = math.sqrt(torch.finfo(A.dtype).eps) * scale
     if worst > tol:
@@ -275,29 +280,28 @@ def _cholesky(A: torch.Tensor, min_pivot: float) -> tuple[torch.Tensor, int]:
     return L, info
 
 
-def _cond_estimate(L: torch.Tensor, steps: int = 30) -> float:
+def _cond_estimate(L: torch.Tensor, steps: int = 8, block: int = 4) -> float:
     n = L.shape[0]
     if n == 0:
         return 1.0
+    p = min(block, n)
     gen = torch.Generator(device="cpu").manual_seed(0)
-    v = torch.randn(n, 1, generator=gen, dtype=torch.float64).to(device=L.device, dtype=L.dtype)
-    v = v / v.norm()
-    lam_max = 0.0
-    for _ in range(steps):
-        w = L @ (L.mT @ v)
-        lam_max = float(w.norm())
-        if lam_max == 0:
-            return math.inf
-        v = w / lam_max
-    u = torch.randn(n, 1, generator=gen, dtype=torch.float64).to(device=L.device, dtype=L.dtype)
-    u = u / u.norm()
-    inv_max = 0.0
-    for _ in range(steps):
-        w = torch.cholesky_solve(u, L)
-        inv_max = float(w.norm())
-        if not math.isfinite(inv_max) or inv_max == 0:
-            return math.inf
-        u = w / inv_max
+    start = torch.randn(n, 2 * p, generator=gen, dtype=torch.float64).to(device=L.device, dtype=L.dtype)
+
+    def top(apply, V):
+        # Subspace iteration on a block of p vectors (one pass over L per step serves all of
+        # them: the cost is memory traffic, not flops), then Rayleigh–Ritz: a lower bound on
+        # the largest eigenvalue that converges like (λ_{p+1}/λ_1)^steps.
+        V = torch.linalg.qr(V).Q
+        for _ in range(steps):
+            V = torch.linalg.qr(apply(V)).Q
+        H = V.mT @ apply(V)
+        return float(torch.linalg.eigvalsh(0.5 * (H + H.mT))[-1])
+
+    lam_max = top(lambda V: L @ (L.mT @ V), start[:, :p])
+    inv_max = top(lambda V: torch.cholesky_solve(V, L), start[:, p:])
+    if not (math.isfinite(lam_max) and math.isfinite(inv_max)) or lam_max <= 0 or inv_max <= 0:
+        return math.inf
     return lam_max * inv_max
 
 
@@ -513,9 +517,10 @@ def _keys_route(method, R, K, P, Pfac, le, fdtype, max_refine) -> DeltaResult:
     steps, c_res = 0, 0.0
     if fdtype == torch.float64:
         fac = Pfac if Pfac is not None else SPDFactor(P, name="C", check=True)
-        W = fac.whiten(K.to(fac.dtype)).to(torch.float64)  # L⁻¹K
+        Lf = fac.L.to(torch.float64)
+        W = torch.linalg.solve_triangular(Lf, K, upper=False)  # L⁻¹K (K already checked)
         D = W.mT @ W
-        Z = torch.linalg.solve_triangular(fac.L.mT.to(torch.float64), W, upper=True)  # C⁻¹K = L⁻ᵀ L⁻¹ K
+        Z = torch.linalg.solve_triangular(Lf.mT, W, upper=True)  # C⁻¹K = L⁻ᵀ L⁻¹ K
     else:
         fac = SPDFactor(P, dtype=torch.float32, name="C", check=True)
         Z, c_res, steps = _refined_solve(lambda X: P @ X, fac, K, max_steps=max_refine, what="C⁻¹K")
@@ -546,20 +551,24 @@ def _keys_route(method, R, K, P, Pfac, le, fdtype, max_refine) -> DeltaResult:
     # Δ is linear in R, refining on the constraint residual (E-dimensional, no d×d work)
     # restores them.
     rn = float(R.norm())
-    constraint, best, prev = math.inf, None, math.inf
-    for it in range(3):
-        delta = (Z @ Y).mT
-        res_mat = delta @ K - R
-        if le:
-            res_mat = res_mat + le * Y.mT
-        r = float(res_mat.norm()) / rn if rn > 0 else float(res_mat.norm())
-        if r < constraint:
-            constraint, best = r, delta
-        if method == "rome" or r <= 4 * torch.finfo(torch.float64).eps or r > 0.5 * prev or it == 2:
-            break
-        prev = r
-        Y = Y - Dfac.solve(res_mat.mT)
-    delta = best
+    if method != "rome":
+        # Refine in E-space against G = KᵀZ (the matrix ΔK = YᵀG actually uses): no d×d work.
+        G = K.mT @ Z
+        prev = math.inf
+        for _ in range(2):
+            res_e = Y.mT @ G - R
+            if le:
+                res_e = res_e + le * Y.mT
+            r = float(res_e.norm()) / rn if rn > 0 else 0.0
+            if r <= 4 * torch.finfo(torch.float64).eps or r > 0.5 * prev:
+                break
+            prev = r
+            Y = Y - Dfac.solve(res_e.mT)
+    delta = (Z @ Y).mT
+    res_mat = delta @ K - R  # the achieved residual, from Δ itself
+    if le:
+        res_mat = res_mat + le * Y.mT
+    constraint = float(res_mat.norm()) / rn if rn > 0 else float(res_mat.norm())
     extra = {"constraint_residual": constraint}
     if fdtype == torch.float32:
         # With λₑ = 0 the constraints hold whatever Z's accuracy (D is built from the same Z),

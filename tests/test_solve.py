@@ -307,10 +307,10 @@ def test_fp32_refinement_reports_stagnation_honestly(caplog):
     with caplog.at_level(logging.WARNING, logger="pmkernels.solve"):
         r32 = pm_delta("emmet", R, K, C0, precision="fp32")
     r64 = pm_delta("emmet", R, K, C0)
-    # The constraints hold even so (D is built from the same inexact Z) ...
-    assert r32.extra["constraint_residual"] < 1e-10
-    # ... so the refined solve's residual must show up, and it does, with a warning.
-    assert r32.residual == r32.extra["c_solve_residual"] > 1e-10
+    # The constraints can look far better than Δ is (D is built from the same inexact Z), so
+    # the refined solve's residual must show up in the figure, and it does, with a warning.
+    assert r32.residual == max(r32.extra["c_solve_residual"], r32.extra["constraint_residual"])
+    assert r32.extra["c_solve_residual"] > 1e-3
     assert "iterative refinement stopped" in caplog.text
     assert rel(r32.delta, r64.delta) > 1e-8  # the figure is right to warn: Δ is off
 
