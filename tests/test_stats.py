@@ -339,3 +339,24 @@ def test_bad_inputs(smollm2, tmp_path):
         small = S.collect_second_moments(model, tok, [0], ["A short text.", "Another one."], max_tokens=10_000,
                                          progress=False)
     assert small[0].count == len(tok("A short text.")["input_ids"]) + len(tok("Another one.")["input_ids"])
+
+
+def test_cli_collects_exports_and_imports(smollm2, tmp_path, monkeypatch, capsys):
+    from pmedit import cli, models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: smollm2)  # the session's model, not a reload
+    cache = tmp_path / "cache"
+    rc = cli.main(["stats", "--layers", "0-1", "--tokens", "150", "--batch-tokens", "256", "--cache-dir", str(cache),
+                   "--export-npz", str(tmp_path / "npz"), "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "layer   0: 150 tokens, d=1536" in out and "layer   1: 150 tokens" in out
+    npz = tmp_path / "npz" / "layer1_float32_mom2_150.npz"
+    assert npz.is_file()
+    rc = cli.main(["stats", "--layers", "3", "--tokens", "150", "--cache-dir", str(cache), "--import-npz", str(npz)])
+    assert rc == 0 and "imported" in capsys.readouterr().out
+    model, tok = smollm2
+    got = S.load_or_collect(model, tok, [1, 3], max_tokens=150, cache_dir=cache, progress=False)
+    assert torch.allclose(got[3].mean, got[1].mean, rtol=1e-12, atol=0)  # served from the imported file
+    assert cli.main(["stats", "--layers", "0,1", "--import-npz", str(npz)]) == 2
+    with pytest.raises(SystemExit):
+        cli.main(["stats", "--layers", "5-2"])
