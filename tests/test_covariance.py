@@ -344,13 +344,15 @@ def test_load_state_dict_validates():
 
 # ----------------------------------------------------------------------------- the cpu backend
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("block", [1, 5, 16])
-def test_cpu_backend_small_block_rows(monkeypatch, block, dtype):
-    """The default block row (256) covers small dims in one GEMM; force many block rows,
-    including a ragged last one, so the upper-triangle tiling itself is exercised."""
+@pytest.mark.parametrize("block,cols", [(1, 0), (5, 0), (16, 0), (4, 4), (5, 3), (6, 11)])
+def test_cpu_backend_small_tiles(monkeypatch, block, cols, dtype):
+    """The default tiling (128-row blocks) covers small dims in one GEMM; force many block
+    rows and column spans (0 = whole block rows, MKL-threaded), including ragged ones and
+    spans not aligned to the blocks, so the upper-triangle tiling itself is exercised."""
     if _unavailable("cpu") is not None:
         pytest.skip(_unavailable("cpu"))
     monkeypatch.setenv("PMKERNELS_COV_BLOCK", str(block))
+    monkeypatch.setenv("PMKERNELS_COV_TILE_COLS", str(cols))
     d = 23
     x = _make((3, 11), d, DTYPES[dtype], seed=block)
     m = _mask("random", (3, 11), seed=block)
