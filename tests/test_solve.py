@@ -223,6 +223,10 @@ def test_emmet_matches_explicit_formula(d, E, lam_e, cond):
     # The constraint residual of a backward-stable E×E solve is ~κ(D)·u.
     assert res.residual < 1e-14 * max(kd, 100)
     assert res.jitter == 0.0
+    # The preservation matrix factored on this route: λC0 (keys) or KKᵀ + λₑλC0 (dual).
+    big = lam * C0 if E <= d else K @ K.mT + lam_e * lam * C0
+    assert float(torch.linalg.cond(big)) / 1.5 < res.cond_estimate <= float(torch.linalg.cond(big)) * 1.01
+    assert res._factor is None  # released once the estimate is known
 
 
 @pytest.mark.parametrize("d,E", [(50, 1), (50, 17), (50, 33)])
