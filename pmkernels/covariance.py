@@ -121,7 +121,9 @@ class SecondMoment:
         return self._count
 
     # ------------------------------------------------------------------ update
+    @torch.no_grad()  # statistics, not a graph: activations captured with grad must not chain updates
     def update(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> "SecondMoment":
+        """Add the rows of x ([..., dim]) where mask ([...], bool) is True; returns self."""
         x2, m = self._validate(x, mask)
         n = x2.shape[0]
         if n == 0:
@@ -176,7 +178,7 @@ class SecondMoment:
                 raise ValueError(f"SecondMoment.update: mask is on {mask.device}, x and the accumulator on {self.device}")
             mask = mask.reshape(-1)
         # reshape keeps a strided view where it can; every backend takes arbitrary strides.
-        return x.reshape(-1, self.dim), mask
+        return x.detach().reshape(-1, self.dim), mask
 
     def _check_finite(self, x2: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor | None:
         # Fast screen: any NaN/Inf makes the fp32 sum non-finite (NaN propagates, Inf - Inf is

@@ -161,6 +161,15 @@ def test_non_contiguous_and_strided_input(backend):
     assert_close_to_reference(acc.sum(), allx, rows_in_fp32=allx.shape[0], what=f"{backend} strided")
 
 
+def test_inputs_that_require_grad_build_no_graph(backend):
+    dev = _device_for(backend)
+    w = torch.randn(6, 9, device=dev, requires_grad=True)
+    x = torch.randn(12, 6, device=dev) @ w  # an activation captured with grad enabled
+    acc = SecondMoment(9, device=dev, backend=backend).update(x).update(x)
+    assert not acc.sum().requires_grad and acc._acc.grad_fn is None
+    assert_close_to_reference(acc.sum(), torch.cat([x, x]).detach().cpu(), rows_in_fp32=24, what=f"{backend} grad")
+
+
 def test_merge_equals_one_accumulator(backend):
     dev = _device_for(backend)
     d = 45
