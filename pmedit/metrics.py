@@ -1,0 +1,188 @@
+"""CounterFact metrics from per-prompt NLLs, and generation entropy, as MEMIT's evaluation
+defines them; pure arithmetic, no model.
+
+The model-side work (one forward pass per prompt+target, batched) is in
+:mod:`pmedit.evaluate`; keeping the arithmetic separate lets the tests feed NLLs in by hand
+and check each definition exactly.
+
+Definitions (MEMIT ``compute_rewrite_quality_counterfact`` + ``summarize.py``), with
+``nll_x`` the *mean per-token* negative log-likelihood of `` target_x`` after the prompt:
+
+- ES (efficacy): fraction of rewrite prompts with ``nll_true > nll_new``; PS the same over
+  paraphrase prompts; NS (specificity): fraction of neighbourhood prompts with
+  ``nll_true < nll_new``. Each is a fraction *per record*, then averaged over records.
+- magnitudes: ``exp(-nll_new) - exp(-nll_true)`` (the reverse for NS), per prompt, averaged
+  per record then over records.
+- S: harmonic mean of the three averaged success rates.
+- GE (fluency): per text, the mean of ``2/3·H₂`` and ``4/3·H₃``, H_n the entropy in bits of
+  the word n-gram frequency distribution; averaged over texts.
+
+All summary figures are ×100, as MEMIT reports them (GE ≈ 600 for fluent text).
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = [
+    "PromptScores",
+    "RecordScores",
+    "record_scores",
+    "summarize",
+    "harmonic_mean",
+    "word_tokenize",
+    "ngram_entropy",
+    "text_entropy",
+    "generation_entropy",
+]
+
+KINDS = ("rewrite", "paraphrase", "neighborhood")
+
+
+@dataclass
+class PromptScores:
+    """Mean per-token NLLs of the two targets after each prompt of one kind, for one record.
+
+    ``correct`` is MEMIT's teacher-forced accuracy: every token of the *expected* target (new
+    for rewrite/paraphrase, true for neighbourhood) is the argmax; None when not measured.
+    """
+
+    nll_new: list[float]
+    nll_true: list[float]
+    correct: list[bool] | None = None
+
+    def __post_init__(self):
+        if len(self.nll_new) != len(self.nll_true):
+            raise ValueError(f"nll_new has {len(self.nll_new)} entries but nll_true has {len(self.nll_true)}")
+
+
+@dataclass
+class RecordScores:
+    """One record's metrics; a kind with no prompts is None (not 0), so it drops out of means."""
+
+    case_id: int | None
+    success: dict[str, float | None] = field(default_factory=dict)
+    magnitude: dict[str, float | None] = field(default_factory=dict)
+    accuracy: dict[str, float | None] = field(default_factory=dict)
+    generation_correct: bool | None = None
+    entropy: float | None = None  # GE of this record's generated texts (bits, not ×100)
+
+    def to_dict(self) -> dict:
+        return {
+            "case_id": self.case_id,
+            "success": dict(self.success),
+            "magnitude": dict(self.magnitude),
+            "accuracy": dict(self.accuracy),
+            "generation_correct": self.generation_correct,
+            "entropy": self.entropy,
+        }
+
+
+def _kind_scores(kind: str, s: PromptScores | None) -> tuple[float | None, float | None, float | None]:
+    if s is None or len(s.nll_new) == 0:
+        return None, None, None
+    new = np.asarray(s.nll_new, dtype=np.float64)
+    true = np.asarray(s.nll_true, dtype=np.float64)
+    if kind == "neighborhood":  # the edit must NOT leak: the true answer should stay preferred
+        ok = true < new
+        mag = np.exp(-true) - np.exp(-new)
+    else:
+        ok = true > new
+        mag = np.exp(-new) - np.exp(-true)
+    acc = float(np.mean(s.correct)) if s.correct is not None and len(s.correct) else None
+    return float(ok.mean()), float(mag.mean()), acc
+
+
+def record_scores(
+    rewrite: PromptScores | None,
+    paraphrase: PromptScores | None,
+    neighborhood: PromptScores | None,
+    *,
+    case_id: int | None = None,
+) -> RecordScores:
+    r = RecordScores(case_id=case_id)
+    for kind, s in zip(KINDS, (rewrite, paraphrase, neighborhood)):
+        r.success[kind], r.magnitude[kind], r.accuracy[kind] = _kind_scores(kind, s)
+    return r
+
+
+def harmonic_mean(xs: Sequence[float]) -> float:
+    """Harmonic mean (scipy.stats.hmean's value); 0 when any entry is 0, as a score must be
+    when one of its parts fails completely."""
+    xs = [float(x) for x in xs]
+    if not xs:
+        raise ValueError("harmonic_mean of no values")
+    if any(x < 0 for x in xs):
+        raise ValueError(f"harmonic_mean needs non-negative values, got {xs}")
+    if any(x == 0 for x in xs):
+        return 0.0
+    return len(xs) / sum(1.0 / x for x in xs)
+
+
+_SHORT = {"rewrite": "es", "paraphrase": "ps", "neighborhood": "ns"}
+
+
+def _mean(xs: Iterable[float | None]) -> float | None:
+    vals = [x for x in xs if x is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def summarize(records: Sequence[RecordScores]) -> dict[str, float | None]:
+    """Averages over records, ×100: es/ps/ns (success), es_mag/ps_mag/ns_mag, es_acc/...,
+    score (S, the harmonic mean of es, ps, ns; None unless all three exist), gen_acc, ge."""
+    out: dict[str, float | None] = {"n_records": len(records)}
+    for kind, short in _SHORT.items():
+        for key, attr in (("", "success"), ("_mag", "magnitude"), ("_acc", "accuracy")):
+            m = _mean(getattr(r, attr)[kind] for r in records)
+            out[short + key] = None if m is None else 100.0 * m
+    parts = [out["es"], out["ps"], out["ns"]]
+    out["score"] = harmonic_mean(parts) if all(p is not None for p in parts) else None
+    g = _mean(None if r.generation_correct is None else float(r.generation_correct) for r in records)
+    out["gen_acc"] = None if g is None else 100.0 * g
+    e = _mean(r.entropy for r in records)
+    out["ge"] = None if e is None else 100.0 * e
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# generation entropy
+
+# Close to NLTK's word_tokenize (which MEMIT uses) for plain English prose: words with
+# internal apostrophes/hyphens/periods kept whole, every other punctuation mark its own token.
+# NLTK is not a dependency; the two agree on the n-gram *counts* of ordinary text up to rare
+# contractions ("don't" -> do n't), which changes GE by far less than run-to-run sampling.
+_WORD = re.compile(r"\w+(?:[-'.]\w+)*|[^\w\s]")
+
+
+def word_tokenize(text: str) -> list[str]:
+    return _WORD.findall(text)
+
+
+def ngram_entropy(tokens: Sequence[str], n: int) -> float:
+    """Entropy in bits of the frequency distribution of the n-grams of ``tokens`` (0 when
+    there are none)."""
+    grams = Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+    total = sum(grams.values())
+    if total == 0:
+        return 0.0
+    return -sum(c / total * math.log2(c / total) for c in grams.values())
+
+
+def text_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)) -> float:
+    """MEMIT's ``compute_n_gram_entropy``: arithmetic mean of weight·H_n (bits)."""
+    if len(ns) != len(weights):
+        raise ValueError(f"ns {list(ns)} and weights {list(weights)} differ in length")
+    toks = word_tokenize(text)
+    return float(np.mean([w * ngram_entropy(toks, n) for n, w in zip(ns, weights)]))
+
+
+def generation_entropy(texts: Sequence[str]) -> float:
+    """Mean :func:`text_entropy` over texts (bits; ×100 is the reported GE)."""
+    if not texts:
+        raise ValueError("generation_entropy of no texts")
+    return float(np.mean([text_entropy(t) for t in texts]))
