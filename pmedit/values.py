@@ -257,7 +257,8 @@ def _optimize_chunk(model, tok, spec, layer, edits: list[_Edit], *, lr, steps, k
             return out.index_put((torch.arange(out.shape[0], device=out.device), batch.row_pos_t), add,
                                  accumulate=True)
 
-        with torch.enable_grad(), Trace(model, layer_name, edit_output=add_delta):
+        # The pass after the last update only reports the loss: no graph needed.
+        with torch.set_grad_enabled(it < steps), Trace(model, layer_name, edit_output=add_delta):
             hs = body(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False).last_hidden_state
             # Only the scored positions reach the vocabulary projection.
             rows = torch.cat([hs[batch.tok_row, batch.tok_pos], hs[batch.kl_row, batch.kl_pos]])

@@ -27,8 +27,13 @@ TEMPLATES = ["I like {{braces}}. {}"]
 
 @pytest.fixture(scope="module")
 def model_tok_spec(smollm2):
+    # One intra-op thread: these passes are small, and on a loaded shared machine two threads
+    # spin-waiting on each other make each op many times slower than one thread alone.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     model, tok = smollm2
-    return model, tok, ModelSpec.from_model(model)
+    yield model, tok, ModelSpec.from_model(model)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
