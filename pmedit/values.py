@@ -181,45 +181,93 @@ def _check_args(**kw) -> None:
         raise ValueError(f"optimize_values: batch_size must be an int >= 1, got {kw['batch_size']!r}")
 
 
-class _Batch:
-    """Index tensors of one forward pass over the rows of the active edits."""
+# Per-pass overhead expressed in tokens, for grouping rows by length: on a CPU a pass costs
+# little beyond its tokens, on a GPU a pass of a few hundred tokens is launch-bound.
+_PASS_OVERHEAD_TOKENS = {"cpu": 16, "cuda": 4096}
 
-    def __init__(self, edits: list[_Edit], active: list[int], pad: int, device: torch.device):
-        seqs, self.row_edit, self.row_pos = [], [], []
+
+def _group_by_length(lengths: list[int], overhead: int) -> list[list[int]]:
+    """Row indices in groups that minimise padded tokens + ``overhead`` per group.
+
+    Rows of an edit differ a lot in length (template rows ~20 tokens, "{subject} is a" ~5), so one
+    padded batch wastes up to half its compute on padding. Sorted by length, the best contiguous
+    split is a small dynamic programme over the distinct lengths.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    distinct = sorted(set(lengths), reverse=True)
+    counts = [sum(1 for x in lengths if x == L) for L in distinct]
+    n = len(distinct)
+    best = [0.0] + [float("inf")] * n  # best[k]: cost of the k longest distinct lengths
+    cut = [0] * (n + 1)
+    for k in range(1, n + 1):
+        rows = 0
+        for j in range(k, 0, -1):  # group = distinct[j-1 .. k-1], padded to distinct[j-1]
+            rows += counts[j - 1]
+            c = best[j - 1] + rows * distinct[j - 1] + overhead
+            if c < best[k]:
+                best[k], cut[k] = c, j - 1
+    bounds, k = [], n
+    while k > 0:
+        bounds.append((cut[k], k))
+        k = cut[k]
+    groups, pos = [], 0
+    for lo, hi in reversed(bounds):
+        size = sum(counts[lo:hi])
+        groups.append(order[pos:pos + size])
+        pos += size
+    return groups
+
+
+class _Group:
+    """Index tensors of one forward pass over some rows of the active edits (``j`` indexes the
+    active edits, ``ri`` the rows of this pass)."""
+
+    def __init__(self, rows: list[tuple], pad: int, device: torch.device):
+        seqs, row_edit, row_pos = [], [], []
         tok_row, tok_pos, tok_target, tok_edit, tok_weight = [], [], [], [], []
-        kl_row, kl_pos, self.bare_row = [], [], []
-        for j, e in enumerate(active):
-            ed = edits[e]
-            n_prompts = len(ed.rows)
-            for r, row in enumerate(ed.rows):
-                ri = len(seqs)
-                seqs.append(row.ids)
-                self.row_edit.append(j)
-                self.row_pos.append(row.subject_last)
-                if r == n_prompts - 1:
-                    self.bare_row.append(ri)
-                L = len(row.target_ids)
-                for t, target in enumerate(row.target_ids):
-                    tok_row.append(ri)
-                    tok_pos.append(row.first_scored + t)
-                    tok_target.append(target)
-                    tok_edit.append(j)
-                    # mean over this prompt's tokens, then mean over the edit's prompts
-                    tok_weight.append(1.0 / (L * n_prompts))
-            ri = len(seqs)
-            seqs.append(ed.kl.ids)
-            self.row_edit.append(j)
-            self.row_pos.append(ed.kl.subject_last)
-            kl_row.append(ri)
-            kl_pos.append(len(ed.kl.ids) - 1)
-        self.ids, self.mask = pad_batch(seqs, pad, device)
+        kl_row, kl_pos, kl_edit, bare_row, bare_edit = [], [], [], [], []
+        for ri, (j, kind, enc, weight) in enumerate(rows):
+            seqs.append(enc.ids)
+            row_edit.append(j)
+            row_pos.append(enc.subject_last)
+            if kind == "kl":
+                kl_row.append(ri)
+                kl_pos.append(len(enc.ids) - 1)
+                kl_edit.append(j)
+                continue
+            if kind == "bare":
+                bare_row.append(ri)
+                bare_edit.append(j)
+            for t, target in enumerate(enc.target_ids):
+                tok_row.append(ri)
+                tok_pos.append(enc.first_scored + t)
+                tok_target.append(target)
+                tok_edit.append(j)
+                tok_weight.append(weight)
+        self.ids, mask = pad_batch(seqs, pad, device)
+        # No padding: let attention take its plain causal path.
+        self.mask = None if bool(mask.all()) else mask
         as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-        self.n_active = len(active)
-        self.row_edit_t, self.row_pos_t = as_long(self.row_edit), as_long(self.row_pos)
-        self.bare_row_t = as_long(self.bare_row)
+        self.all_rows = torch.arange(len(seqs), device=device)
+        self.row_edit, self.row_pos = as_long(row_edit), as_long(row_pos)
         self.tok_row, self.tok_pos, self.tok_target = as_long(tok_row), as_long(tok_pos), as_long(tok_target)
         self.tok_edit, self.tok_weight = as_long(tok_edit), torch.tensor(tok_weight, device=device)
-        self.kl_row, self.kl_pos = as_long(kl_row), as_long(kl_pos)
+        self.kl_row, self.kl_pos, self.kl_edit = as_long(kl_row), as_long(kl_pos), as_long(kl_edit)
+        self.bare_row, self.bare_edit = as_long(bare_row), as_long(bare_edit)
+
+
+def _make_groups(edits: list[_Edit], active: list[int], pad: int, device: torch.device) -> list[_Group]:
+    rows = []  # (active index j, kind, encoding, weight of each of its target tokens)
+    for j, e in enumerate(active):
+        ed = edits[e]
+        n_prompts = len(ed.rows)
+        for r, row in enumerate(ed.rows):
+            # mean over this prompt's tokens, then mean over the edit's prompts
+            rows.append((j, "bare" if r == n_prompts - 1 else "ctx", row, 1.0 / (len(row.target_ids) * n_prompts)))
+        rows.append((j, "kl", ed.kl, 0.0))
+    overhead = _PASS_OVERHEAD_TOKENS.get(torch.device(device).type, 1024)
+    groups = _group_by_length([len(r[2].ids) for r in rows], overhead)
+    return [_Group([rows[i] for i in g], pad, device) for g in groups]
 
 
 def _optimize_chunk(model, tok, spec, layer, edits: list[_Edit], *, lr, steps, kl_factor, weight_decay,
@@ -242,53 +290,59 @@ def _optimize_chunk(model, tok, spec, layer, edits: list[_Edit], *, lr, steps, k
     final_nll = torch.zeros(n, device=device)
     final_kl = torch.zeros(n, device=device)
     active = list(range(n))
-    batch = None
+    groups = None
     for it in range(steps + 1):
-        if batch is None:
-            batch = _Batch(edits, active, pad, device)
+        if groups is None:
+            groups = _make_groups(edits, active, pad, device)
         act = torch.tensor(active, dtype=torch.long, device=device)
+        n_act = len(active)
         d_param = delta[act].clone().requires_grad_(True)
-        captured = {}
-
-        def add_delta(name, out, batch=batch, d_param=d_param, first=(it == 0), captured=captured):
-            if first:
-                captured["h"] = out[batch.bare_row_t, batch.row_pos_t[batch.bare_row_t]].detach().float()
-            add = d_param[batch.row_edit_t].to(out.dtype)
-            return out.index_put((torch.arange(out.shape[0], device=out.device), batch.row_pos_t), add,
-                                 accumulate=True)
-
+        nll = torch.zeros(n_act, device=device)
+        kl = torch.zeros(n_act, device=device)
+        misses = torch.zeros(n_act, dtype=torch.long, device=device)
         # The pass after the last update only reports the loss: no graph needed.
-        with torch.set_grad_enabled(it < steps), Trace(model, layer_name, edit_output=add_delta):
-            hs = body(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False).last_hidden_state
-            # Only the scored positions reach the vocabulary projection.
-            rows = torch.cat([hs[batch.tok_row, batch.tok_pos], hs[batch.kl_row, batch.kl_pos]])
-            if norm is not None:
-                rows = norm(rows)
-            logits = lm_head(rows).float()
-            n_tok = batch.tok_row.numel()
-            tok_logp = torch.log_softmax(logits[:n_tok], dim=-1)
-            kl_logp = torch.log_softmax(logits[n_tok:], dim=-1)
+        with torch.set_grad_enabled(it < steps):
+            for g in groups:
+                def add_delta(name, out, g=g):
+                    if it == 0:  # δ = 0 here: the unedited output at the bare prompt's subject
+                        h[act[g.bare_edit]] = out[g.bare_row, g.row_pos[g.bare_row]].detach().float()
+                    return out.index_put((g.all_rows, g.row_pos), d_param[g.row_edit].to(out.dtype), accumulate=True)
+
+                with Trace(model, layer_name, edit_output=add_delta):
+                    hs = body(input_ids=g.ids, attention_mask=g.mask, use_cache=False).last_hidden_state
+                # Only the scored positions reach the vocabulary projection.
+                sel = torch.cat([hs[g.tok_row, g.tok_pos], hs[g.kl_row, g.kl_pos]])
+                if norm is not None:
+                    sel = norm(sel)
+                logits = lm_head(sel).float()
+                n_tok = g.tok_row.numel()
+                if n_tok:
+                    tok_logp = torch.log_softmax(logits[:n_tok], dim=-1)
+                    nll_tok = -tok_logp.gather(1, g.tok_target[:, None]).squeeze(1)
+                    nll = nll.index_add(0, g.tok_edit, nll_tok * g.tok_weight)
+                    if stop_on_argmax:
+                        hit = (logits[:n_tok].argmax(1) == g.tok_target).long()
+                        misses.index_add_(0, g.tok_edit, 1 - hit)
+                if g.kl_row.numel():
+                    kl_logp = torch.log_softmax(logits[n_tok:], dim=-1)
+                    if it == 0:
+                        if ref_logp is None:
+                            ref_logp = torch.zeros((n, kl_logp.shape[1]), device=device)
+                        ref_logp[act[g.kl_edit]] = kl_logp.detach()
+                    ref = ref_logp[act[g.kl_edit]]
+                    kl = kl.index_add(0, g.kl_edit, (ref.exp() * (ref - kl_logp)).sum(1))
             if it == 0:
-                h[act] = captured["h"]
-                h_sq[act] = captured["h"].pow(2).sum(1).clamp_min(1e-12)
-                ref_logp = kl_logp.detach()
-            nll_tok = -tok_logp.gather(1, batch.tok_target[:, None]).squeeze(1)
-            nll = torch.zeros(len(active), device=device).index_add(0, batch.tok_edit, nll_tok * batch.tok_weight)
-            ref = ref_logp[act]
-            kl = (ref.exp() * (ref - kl_logp)).sum(1)
+                h_sq[act] = h[act].pow(2).sum(1).clamp_min(1e-12)
             wd = d_param.pow(2).sum(1) / h_sq[act]
             loss = nll + kl_factor * kl + weight_decay * wd
-
-            nll_d, kl_d = nll.detach(), kl.detach()
+            nll_d = nll.detach()
             done = nll_d < loss_stop
             if stop_on_argmax:
-                hit = (logits[:n_tok].argmax(1) == batch.tok_target).long()
-                misses = torch.zeros(len(active), dtype=torch.long, device=device).index_add(0, batch.tok_edit, 1 - hit)
                 done |= misses == 0
             if it == steps:
                 done[:] = True
             final_nll[act] = nll_d
-            final_kl[act] = kl_d
+            final_kl[act] = kl.detach()
             keep = ~done
             if not bool(keep.any()):
                 break
@@ -304,7 +358,7 @@ def _optimize_chunk(model, tok, spec, layer, edits: list[_Edit], *, lr, steps, k
         delta[upd] = delta[upd] * scale[:, None]
         if not bool(keep.all()):
             active = [e for e, k in zip(active, keep.tolist()) if k]
-            batch = None  # stopped edits leave the batch
+            groups = None  # stopped edits leave the batch
     return ValueResult(z=h + delta, h=h, delta=delta, losses=final_nll, kl=final_kl, steps=t_adam)
 
 

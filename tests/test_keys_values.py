@@ -228,3 +228,36 @@ def test_values_bad_arguments(model_tok_spec):
         optimize_values(model, tok, spec, 99, REQS[:1], TEMPLATES)
     res = optimize_values(model, tok, spec, LAYER, [], TEMPLATES)
     assert res.z.shape == (0, spec.hidden_size)
+
+
+def _padded_cost(lengths, groups, overhead):
+    return sum(len(g) * max(lengths[i] for i in g) + overhead for g in groups)
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("overhead", [0, 16, 4096])
+def test_group_by_length_is_optimal_partition(seed, overhead):
+    """The grouping used to cut padding: every row exactly once, and no contiguous split of the
+    sorted lengths (brute force over all 2^(k-1) splits of k distinct lengths) is cheaper."""
+    import itertools
+    import random
+
+    from pmedit.values import _group_by_length
+
+    rng = random.Random(seed)
+    lengths = [rng.choice([3, 5, 9, 12, 20, 21, 30]) for _ in range(rng.randint(1, 12))]
+    groups = _group_by_length(lengths, overhead)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    distinct = sorted(set(lengths), reverse=True)
+    best = float("inf")
+    for cuts in itertools.product([False, True], repeat=len(distinct) - 1):
+        parts, cur = [], [distinct[0]]
+        for L, c in zip(distinct[1:], cuts):
+            if c:
+                parts.append(cur)
+                cur = []
+            cur.append(L)
+        parts.append(cur)
+        cost = sum(sum(lengths.count(L) for L in p) * p[0] + overhead for p in parts)
+        best = min(best, cost)
+    assert _padded_cost(lengths, groups, overhead) == best
