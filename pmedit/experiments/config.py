@@ -1,0 +1,172 @@
+"""The configuration of one experiment run: a frozen, validated dataclass read from JSON/YAML.
+
+Unknown keys are errors (a misspelt ``batch_size`` silently falling back to a default would
+waste a whole run), and the config that produced a run directory is stored in it: resuming
+with a different config is refused, because the results already there would not be comparable.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+EXPERIMENTS = ("layer-sweep", "batch", "sequential-batch", "lambda-sweep")
+METHODS = ("rome", "memit", "emmet")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What is measured after editing (ES/PS/NS always)."""
+
+    batch_size: int = 64  # sequences per forward pass when scoring
+    generation_accuracy: bool = False
+    entropy: bool = False  # GE: sampled texts from the generation prompts
+    max_gen_prompts: int = 2  # generation prompts per record used for GE (original has 10)
+    gen_length: int = 100
+    perplexity: bool = False
+    ppl_text: str = "../shared/data/text/wikitext2_raw_wiki.test.raw"  # NOT the C0 corpus
+    ppl_tokens: int = 4096
+    ppl_window: int = 256
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One run of one experiment.
+
+    ``layers``: the edited layer (one entry) or, for ``layer-sweep``, the layers swept.
+    ``total_edits``: how many records are used (a seeded sample of ``data``). ``batch_sizes``:
+    the batch sizes of ``batch``/``sequential-batch`` (and the one batch size of
+    ``lambda-sweep``). ``lambdas``: MEMIT's λ / EMMET's λₑ values. ``hparams``: overrides of
+    the preset's EditHparams fields. ``chunk_size``: singular edits per resumable unit in
+    ``layer-sweep``. ``eval_points``: edit counts at which ``sequential-batch`` scores all
+    edits made so far (the end is always one).
+    """
+
+    experiment: str
+    data: str
+    layers: tuple[int, ...]
+    methods: tuple[str, ...] = ("memit", "emmet")
+    total_edits: int = 64
+    batch_sizes: tuple[int, ...] = ()
+    lambdas: tuple[float, ...] = ()
+    seed: int = 0
+    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
+    dtype: str = "float32"
+    preset: str | None = "smollm2"
+    hparams: dict = field(default_factory=dict)
+    chunk_size: int = 16
+    eval_points: tuple[int, ...] = ()
+    baseline: bool = True  # also score the unedited model
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    out_dir: str | None = None
+
+    def __post_init__(self):
+        for name in ("layers", "methods", "batch_sizes", "lambdas", "eval_points"):
+            v = getattr(self, name)
+            if isinstance(v, list):
+                object.__setattr__(self, name, tuple(v))
+            if not isinstance(getattr(self, name), tuple):
+                raise ValueError(f"experiment config field {name!r}: expected a list, got {v!r}")
+        if isinstance(self.eval, dict):
+            object.__setattr__(self, "eval", _build(EvalSettings, self.eval, "experiment config field 'eval'"))
+        if self.experiment not in EXPERIMENTS:
+            raise ValueError(f"experiment config field 'experiment': {self.experiment!r} is not one of {list(EXPERIMENTS)}")
+        if not self.layers or any(not _is_int(x) or x < 0 for x in self.layers):
+            raise ValueError(f"experiment config field 'layers': expected a non-empty list of layer indices, got {list(self.layers)}")
+        if self.experiment != "layer-sweep" and len(self.layers) != 1:
+            raise ValueError(f"experiment config field 'layers': {self.experiment} edits one layer, got {list(self.layers)}")
+        if not self.methods or any(m not in METHODS for m in self.methods):
+            raise ValueError(f"experiment config field 'methods': {list(self.methods)}; each must be one of {list(METHODS)}")
+        for name in ("total_edits", "chunk_size"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise ValueError(f"experiment config field {name!r}: must be a positive integer, got {getattr(self, name)!r}")
+        if any(not _is_int(b) or b < 1 for b in self.batch_sizes):
+            raise ValueError(f"experiment config field 'batch_sizes': positive integers required, got {list(self.batch_sizes)}")
+        if self.experiment in ("batch", "sequential-batch", "lambda-sweep") and not self.batch_sizes:
+            raise ValueError(f"experiment config field 'batch_sizes': {self.experiment} needs at least one")
+        too_big = [b for b in self.batch_sizes if b > self.total_edits]
+        if too_big:
+            raise ValueError(f"experiment config field 'batch_sizes': {too_big} exceed total_edits={self.total_edits}")
+        if self.experiment == "sequential-batch":
+            bad = [b for b in self.batch_sizes if self.total_edits % b]
+            if bad:
+                raise ValueError(f"experiment config field 'batch_sizes': {bad} do not divide total_edits={self.total_edits}")
+            badp = [p for p in self.eval_points if not _is_int(p) or not 0 < p <= self.total_edits]
+            if badp:
+                raise ValueError(f"experiment config field 'eval_points': {badp} outside 1..{self.total_edits}")
+        if self.experiment == "lambda-sweep":
+            if not self.lambdas or any(not isinstance(x, (int, float)) or isinstance(x, bool) or x < 0 for x in self.lambdas):
+                raise ValueError(f"experiment config field 'lambdas': non-negative numbers required, got {list(self.lambdas)}")
+            if len(self.batch_sizes) != 1:
+                raise ValueError("experiment config field 'batch_sizes': lambda-sweep takes exactly one batch size")
+        if not isinstance(self.hparams, dict):
+            raise ValueError(f"experiment config field 'hparams': expected a mapping, got {type(self.hparams).__name__}")
+        for k in ("layers", "method"):
+            if k in self.hparams:
+                raise ValueError(f"experiment config field 'hparams': set {k!r} with the experiment's own field, not here")
+
+    # -----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict, *, source: str = "experiment config") -> ExperimentConfig:
+        return _build(cls, data, source)
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> ExperimentConfig:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"experiment config {str(p)!r} does not exist")
+        text = p.read_text(encoding="utf-8")
+        try:
+            if p.suffix.lower() in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text)
+            else:
+                data = json.loads(text)
+        except Exception as e:  # noqa: BLE001 - both parsers' errors become one clear message
+            raise ValueError(f"{p}: cannot parse: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{p}: expected a mapping of config fields, got {type(data).__name__}")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return _build(cls, data, str(p))
+
+    def edit_hparams(self, method: str, **changes: Any):
+        from pmedit.hparams import EditHparams
+
+        base = dict(self.hparams)
+        base.update(changes)
+        base["method"] = method
+        base["layers"] = [self.layers[0]]
+        if self.preset:
+            return EditHparams.preset(self.preset, **base)
+        return EditHparams.from_dict(base, source="experiment config 'hparams'")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _build(cls, data: Any, source: str):
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a mapping, got {type(data).__name__}")
+    valid = [f.name for f in fields(cls)]
+    unknown = sorted(k for k in data if k not in valid)
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {unknown}; valid keys are: {', '.join(valid)}")
+    required = [f.name for f in fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise ValueError(f"{source}: missing required key(s) {missing}")
+    try:
+        return cls(**data)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None

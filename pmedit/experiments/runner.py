@@ -1,0 +1,348 @@
+"""The four experiments of the batch-size study as sequences of resumable units.
+
+A run is planned as an ordered list of units (one singular-edit chunk of one layer, one batch
+size, one batch of a sequence, one λ); each unit's result is stored in the run directory as it
+finishes, so an interrupted run resumes at the next unit. Sequential-batch editing carries
+state between units (the weights edited so far): after each batch the Editor's deltas are
+checkpointed as safetensors, and a resumed sequence reloads them onto an Editor prepared on
+the unedited model, which reproduces the uninterrupted run exactly (deltas are stored in twice
+the weight precision, so W₀ + Δ rounds back to the edited weights bit for bit).
+
+- ``layer-sweep``: each record edited alone on each layer (singular edits; each delta is rank
+  one and is evaluated through a per-row hook, see :class:`pmedit.evaluate.RankOneEdits`).
+- ``batch``: the first B records in one batch, scored on those B, for each B.
+- ``sequential-batch``: all ``total_edits`` records in sequential batches of B, scored after
+  the batches that reach an ``eval_points`` count (and at the end) on all edits so far.
+- ``lambda-sweep``: one batch with MEMIT's λ (``lam``) or EMMET's λₑ (``lam_e``) set to each
+  value (ROME takes ``lam``).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from pmedit.data import load_counterfact, select
+from pmedit.evaluate import RankOneEdits, evaluate_counterfact, load_heldout_text, perplexity, rank_one_factors
+from pmedit.experiments.config import ExperimentConfig
+from pmedit.experiments.store import RunStore, atomic_write_json, write_csv
+from pmedit.metrics import RecordScores, summarize
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Unit:
+    key: str
+    kind: str  # baseline | singular | batch | seq | lambda
+    method: str = ""
+    layer: int = -1
+    batch_size: int = 0
+    index: int = 0  # chunk index (singular) or batch index within a sequence (seq)
+    lam: float | None = None
+
+
+def plan(cfg: ExperimentConfig) -> list[Unit]:
+    units = [Unit("baseline", "baseline", layer=cfg.layers[0])] if cfg.baseline else []
+    n = cfg.total_edits
+    for m in cfg.methods:
+        if cfg.experiment == "layer-sweep":
+            for layer in cfg.layers:
+                for c in range((n + cfg.chunk_size - 1) // cfg.chunk_size):
+                    units.append(Unit(f"{m}/L{layer}/chunk{c}", "singular", m, layer, 1, c))
+        elif cfg.experiment == "batch":
+            for b in cfg.batch_sizes:
+                units.append(Unit(f"{m}/B{b}", "batch", m, cfg.layers[0], b))
+        elif cfg.experiment == "sequential-batch":
+            for b in cfg.batch_sizes:
+                for k in range(n // b):
+                    units.append(Unit(f"{m}/S{b}/batch{k}", "seq", m, cfg.layers[0], b, k))
+        else:
+            for lam in cfg.lambdas:
+                units.append(Unit(f"{m}/lam{lam:g}", "lambda", m, cfg.layers[0], cfg.batch_sizes[0], lam=float(lam)))
+    return units
+
+
+def _seq_eval_counts(cfg: ExperimentConfig, b: int) -> set[int]:
+    """Edit counts after which a sequence of batch size b is scored: the first batch boundary
+    at or past each eval point, and the end."""
+    counts = {cfg.total_edits}
+    for p in cfg.eval_points:
+        counts.add(-(-p // b) * b)
+    return counts
+
+
+class _Runner:
+    def __init__(self, cfg, model, tok, store: RunStore, progress: bool, second_moments):
+        self.cfg, self.model, self.tok, self.store = cfg, model, tok, store
+        self.progress = progress
+        self.second_moments = second_moments
+        self.records = select(load_counterfact(cfg.data), cfg.total_edits, seed=cfg.seed)
+        if len(self.records) < cfg.total_edits:
+            raise ValueError(f"{cfg.data} holds {len(self.records)} records, total_edits={cfg.total_edits}")
+        self.requests = [r.as_memit_dict() for r in self.records]
+        self._ppl_texts = None
+        self._open_seq: tuple[str, Any] | None = None  # (sequence name, Editor) in progress
+
+    # ------------------------------------------------------------------ helpers
+    def editor(self, method: str, layer: int, **hp_changes):
+        from pmedit.editor import Editor
+
+        hp = self.cfg.edit_hparams(method, **hp_changes).replace(layers=[layer])
+        sm = None
+        if self.second_moments is not None:
+            sm = {layer: self.second_moments[layer]}
+        return Editor(self.model, self.tok, hparams=hp, second_moments=sm, progress=False)
+
+    def evaluate(self, records, *, edits=None, with_ppl=True) -> dict:
+        e = self.cfg.eval
+        t0 = time.perf_counter()
+        res = evaluate_counterfact(
+            self.model, self.tok, records, edits=edits, batch_size=e.batch_size,
+            generation_accuracy=e.generation_accuracy, entropy=e.entropy, max_gen_prompts=e.max_gen_prompts,
+            gen_length=e.gen_length, seed=self.cfg.seed, progress=False,
+        )
+        out = {"summary": res.summary}
+        if edits is not None:
+            out["records"] = [r.to_dict() for r in res.records]
+        if with_ppl and e.perplexity:
+            if self._ppl_texts is None:
+                self._ppl_texts = load_heldout_text(e.ppl_text, max_chars=e.ppl_tokens * 8)
+            out["ppl"] = perplexity(self.model, self.tok, self._ppl_texts, max_tokens=e.ppl_tokens, window=e.ppl_window)["ppl"]
+        out["eval_seconds"] = time.perf_counter() - t0
+        return out
+
+    # ------------------------------------------------------------------ units
+    def run(self, u: Unit) -> dict:
+        return getattr(self, f"_{u.kind}")(u)
+
+    def _baseline(self, u: Unit) -> dict:
+        return self.evaluate(self.records)
+
+    def _singular(self, u: Unit) -> dict:
+        cs = self.cfg.chunk_size
+        idx = range(u.index * cs, min((u.index + 1) * cs, len(self.records)))
+        ed = self.editor(u.method, u.layer)
+        Us, Vs = [], []
+        t0 = time.perf_counter()
+        try:
+            for i in idx:
+                ed.edit([self.requests[i]], batch_size=1)
+                u_vec, v_vec = rank_one_factors(ed.deltas()[u.layer])
+                ed.restore()
+                Us.append(u_vec)
+                Vs.append(v_vec)
+        finally:
+            ed.restore()
+        edit_s = time.perf_counter() - t0
+        W = ed.spec.down_proj(self.model, u.layer)
+        out = self.evaluate([self.records[i] for i in idx], edits=RankOneEdits(W, torch.stack(Us), torch.stack(Vs)),
+                            with_ppl=False)
+        out["edit_seconds"] = edit_s
+        return out
+
+    def _batch(self, u: Unit, **hp_changes) -> dict:
+        ed = self.editor(u.method, u.layer, **hp_changes)
+        try:
+            t0 = time.perf_counter()
+            rep = ed.edit(self.requests[: u.batch_size], batch_size=u.batch_size)
+            edit_s = time.perf_counter() - t0
+            out = self.evaluate(self.records[: u.batch_size])
+            out["edit_seconds"] = edit_s
+            out["update_norm"] = rep.batches[-1].update_norms.get(u.layer)
+        finally:
+            ed.restore()
+        return out
+
+    def _lambda(self, u: Unit) -> dict:
+        field = "lam_e" if u.method == "emmet" else "lam"
+        return self._batch(u, **{field: u.lam})
+
+    def _seq(self, u: Unit) -> dict:
+        name = f"{u.method}_S{u.batch_size}"
+        ckpt = self.store.checkpoint_path(name)
+        if self._open_seq is None or self._open_seq[0] != name:
+            self._close_seq()
+            ed = self.editor(u.method, u.layer)
+            if u.index > 0:
+                self._resume_seq(ed, ckpt, u)
+            self._open_seq = (name, ed)
+        ed = self._open_seq[1]
+        b = u.batch_size
+        t0 = time.perf_counter()
+        ed.edit(self.requests[u.index * b : (u.index + 1) * b], batch_size=b)
+        edit_s = time.perf_counter() - t0
+        done = (u.index + 1) * b
+        out: dict[str, Any] = {"n_edits": done, "edit_seconds": edit_s}
+        if done in _seq_eval_counts(self.cfg, b):
+            out.update(self.evaluate(self.records[:done]))
+        if done < self.cfg.total_edits:
+            self._save_seq(ed, ckpt, done)
+        else:
+            self._close_seq()
+            ckpt.unlink(missing_ok=True)
+        return out
+
+    def _save_seq(self, ed, path: Path, done: int) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {f"delta.{layer}": d.contiguous() for layer, d in ed.deltas().items()}
+        tmp = path.with_name(f".{path.name}.tmp")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp), metadata={"n_edits": str(done)})
+        tmp.replace(path)
+
+    def _resume_seq(self, ed, path: Path, u: Unit) -> None:
+        from safetensors import safe_open
+
+        want = u.index * u.batch_size
+        if ed.hparams.keep_prior_edits:
+            # C has absorbed the earlier batches' keys; weights alone cannot restore that state
+            raise RuntimeError(f"cannot resume {path.name} with keep_prior_edits=true; delete the run to restart it")
+        if not path.is_file():
+            raise RuntimeError(f"{path}: checkpoint of a sequence in progress is missing; delete the run to restart it")
+        with safe_open(str(path), framework="pt") as f:
+            got = int((f.metadata() or {}).get("n_edits", -1))
+            if got != want:
+                raise RuntimeError(f"{path}: checkpoint holds {got} edits, the run state expects {want}")
+            deltas = {layer: f.get_tensor(f"delta.{layer}") for layer in ed.layers}
+        # Statistics and templates must come from the unedited model: the Editor computes them
+        # on first use, so it is prepared before the saved deltas are written (the Editor has
+        # no public "continue from deltas" entry point; load_deltas+edit refuses by design).
+        ed._prepare()
+        with torch.no_grad():
+            for layer, d in deltas.items():
+                W = ed.spec.down_proj(self.model, layer).weight
+                W.copy_((ed._original[layer].to(d.dtype) + d).to(W.dtype))
+        ed.n_edits = want
+        log.info("resumed %s at %d edits", path.name, want)
+
+    def _close_seq(self) -> None:
+        if self._open_seq is not None:
+            self._open_seq[1].restore()
+            self._open_seq = None
+
+
+# ------------------------------------------------------------------------------ rows
+
+
+def _row(cfg, u: Unit | None, res: dict, **extra) -> dict:
+    s = res["summary"]
+    row = {"experiment": cfg.experiment, **extra}
+    for k in ("es", "ps", "ns", "score", "es_mag", "ps_mag", "ns_mag", "es_acc", "ps_acc", "ns_acc", "gen_acc", "ge"):
+        row[k] = s.get(k)
+    row["ppl"] = res.get("ppl")
+    row["edit_seconds"] = res.get("edit_seconds")
+    row["eval_seconds"] = res.get("eval_seconds")
+    return row
+
+
+def collect_rows(cfg: ExperimentConfig, units: list[Unit], done: dict) -> list[dict]:
+    rows = []
+    if "baseline" in done:
+        rows.append(_row(cfg, None, done["baseline"], method="none", layer=cfg.layers[0], batch_size=0, n_edits=0))
+    if cfg.experiment == "layer-sweep":
+        groups: dict[tuple[str, int], list[Unit]] = {}
+        for u in units:
+            if u.kind == "singular":
+                groups.setdefault((u.method, u.layer), []).append(u)
+        for (m, layer), us in groups.items():
+            if not all(u.key in done for u in us):
+                continue
+            recs = [RecordScores(**r) for u in us for r in done[u.key]["records"]]
+            res = {
+                "summary": summarize(recs),
+                "edit_seconds": sum(done[u.key]["edit_seconds"] for u in us),
+                "eval_seconds": sum(done[u.key]["eval_seconds"] for u in us),
+            }
+            rows.append(_row(cfg, None, res, method=m, layer=layer, batch_size=1, n_edits=len(recs)))
+    else:
+        for u in units:
+            if u.kind == "baseline" or u.key not in done or "summary" not in done[u.key]:
+                continue
+            r = done[u.key]
+            n = r.get("n_edits", u.batch_size)
+            extra = {"method": u.method, "layer": u.layer, "batch_size": u.batch_size, "n_edits": n}
+            if u.kind == "lambda":
+                extra["lam"] = u.lam
+            if u.kind == "seq":  # the time of every batch up to this score, not just the last
+                extra["edit_seconds_total"] = sum(
+                    done[f"{u.method}/S{u.batch_size}/batch{k}"]["edit_seconds"] for k in range(u.index + 1)
+                )
+            rows.append(_row(cfg, u, r, **extra))
+    return rows
+
+
+# ------------------------------------------------------------------------------ entry
+
+
+def run_experiment(
+    cfg: ExperimentConfig,
+    *,
+    model=None,
+    tokenizer=None,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    on_unit: Callable[[str], None] | None = None,
+    second_moments: dict[int, torch.Tensor] | None = None,
+    plot: bool = True,
+) -> dict:
+    """Run (or resume) ``cfg``; write results.json, results.csv and a PNG into the run
+    directory and return ``{"rows": [...], "out_dir": ...}``.
+
+    ``model``/``tokenizer``: an already loaded model (else ``cfg.model`` is loaded).
+    ``on_unit(key)`` is called after each unit is stored (progress reporting; the tests raise
+    from it to simulate an interruption). ``second_moments``: {layer: C0} instead of collected
+    statistics (toy runs).
+    """
+    root = Path(out_dir or cfg.out_dir or Path("runs") / cfg.experiment)
+    store = RunStore(root, cfg.to_dict())
+    if model is None:
+        from pmedit.models import load_model
+
+        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
+    elif tokenizer is None:
+        raise ValueError("run_experiment: a model was given without its tokenizer")
+    units = plan(cfg)
+    runner = _Runner(cfg, model, tokenizer, store, progress, second_moments)
+    todo = [u for u in units if u.key not in store]
+    if second_moments is None and any(u.kind != "baseline" for u in todo):
+        # one pass over the corpus for every layer (each Editor would otherwise collect its own)
+        from pmedit.stats import load_or_collect
+
+        hp = cfg.edit_hparams(cfg.methods[0])
+        load_or_collect(model, tokenizer, list(cfg.layers), corpus=hp.mom2_corpus, max_tokens=hp.mom2_tokens,
+                        progress=progress)
+    bar = tqdm(total=len(units), initial=len(units) - len(todo), desc=cfg.experiment, unit="unit", disable=not progress)
+    try:
+        for u in todo:
+            bar.set_postfix_str(u.key)
+            res = runner.run(u)
+            store.put(u.key, res)
+            bar.update(1)
+            if on_unit is not None:
+                on_unit(u.key)
+    finally:
+        runner._close_seq()  # never leave the caller's model edited
+        bar.close()
+    rows = collect_rows(cfg, units, store.units)
+    return _write_results(cfg, root, rows, plot)
+
+
+def _write_results(cfg: ExperimentConfig, root: Path, rows: list[dict], plot: bool) -> dict:
+    from pmedit.bench.harness import machine_info
+
+    atomic_write_json(root / "results.json", {"config": cfg.to_dict(), "machine": machine_info(), "rows": rows})
+    write_csv(root / "results.csv", rows)
+    out = {"rows": rows, "out_dir": str(root)}
+    if plot:
+        from pmedit.experiments.plots import plot_rows
+
+        out["plot"] = str(plot_rows(cfg, rows, root / f"{cfg.experiment}.png"))
+    return out

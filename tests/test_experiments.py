@@ -1,0 +1,211 @@
+"""pmedit.experiments at toy scale: a tiny random Llama with SmolLM2's tokenizer, hand-built
+CounterFact records, a given C0; each experiment run whole, interrupted and resumed to the
+same result; the CLI end to end with a model saved to disk."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import make_tiny_llama
+from pmedit.experiments import ExperimentConfig, plan, run_experiment
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread while this module runs: on the shared 2-core machine, two OpenMP
+    threads per process spin against the other engineers' processes and make small forward
+    passes ~10x slower. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+SUBJECTS = ["Alpha Romeo", "Bravo Town", "Charlie Hill", "Delta Lake", "Echo Park", "Foxtrot Bay"]
+
+
+def _records():
+    out = []
+    for i, s in enumerate(SUBJECTS):
+        out.append({
+            "case_id": 100 + i,
+            "requested_rewrite": {
+                "prompt": "{} is located in", "subject": s,
+                "target_new": {"str": ["Paris", "Rome", "Tokyo"][i % 3]},
+                "target_true": {"str": ["Berlin", "Madrid", "Lima"][i % 3]},
+            },
+            "paraphrase_prompts": [f"People say {s} is in"],
+            "neighborhood_prompts": [f"{SUBJECTS[(i + 1) % 6]} lies in", "The river is in"],
+            "attribute_prompts": [],
+            "generation_prompts": [f"{s} is a place where"],
+        })
+    return out
+
+
+HP = {"steps": 2, "n_templates": 1, "template_length": 3, "lr": 0.5, "value_batch_size": 4, "key_batch_size": 8}
+
+
+@pytest.fixture(scope="module")
+def toy(smollm2, tmp_path_factory):
+    _, tok = smollm2
+    model = make_tiny_llama(vocab=len(tok), hidden=32, intermediate=48, layers=3, seed=0)
+    d = tmp_path_factory.mktemp("toy")
+    data = d / "cf.json"
+    data.write_text(json.dumps(_records()))
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(48, 200, generator=g, dtype=torch.float64)
+    c0 = {layer: A @ A.T / 200 for layer in range(3)}  # a well-conditioned SPD stand-in for C0
+    return model, tok, data, c0
+
+
+def _cfg(data, **kw):
+    base = dict(data=str(data), layers=[1], methods=["memit"], total_edits=4, hparams=dict(HP), preset=None,
+                eval={"batch_size": 8})
+    base.update(kw)
+    return ExperimentConfig.from_dict(base)
+
+
+def _metrics(rows):
+    """Everything but wall-clock times, which legitimately differ between runs."""
+    return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
+
+
+class Stop(Exception):
+    pass
+
+
+def _interrupt_after(n):
+    seen = []
+
+    def cb(key):
+        seen.append(key)
+        if len(seen) == n:
+            raise Stop(key)
+
+    return cb
+
+
+@pytest.mark.parametrize(
+    "kw, stop_after",
+    [
+        (dict(experiment="sequential-batch", batch_sizes=[1, 2], eval_points=[2]), 3),  # inside the B=1 sequence
+        (dict(experiment="layer-sweep", layers=[0, 2], total_edits=3, chunk_size=2), 2),
+        (dict(experiment="batch", batch_sizes=[2, 4], methods=["memit", "emmet"]), 2),
+        (dict(experiment="lambda-sweep", batch_sizes=[4], lambdas=[0.5, 2.0], methods=["emmet"]), 1),
+    ],
+    ids=["sequential-batch", "layer-sweep", "batch", "lambda-sweep"],
+)
+def test_interrupted_run_resumes_to_the_same_result(toy, tmp_path, kw, stop_after):
+    model, tok, data, c0 = toy
+    cfg = _cfg(data, **kw)
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    full = run_experiment(cfg, model=model, tokenizer=tok, out_dir=tmp_path / "a", progress=False, second_moments=c0)
+    with pytest.raises(Stop):
+        run_experiment(cfg, model=model, tokenizer=tok, out_dir=tmp_path / "b", progress=False, second_moments=c0,
+                       on_unit=_interrupt_after(stop_after))
+    # an interruption leaves the caller's model unedited
+    assert all(torch.equal(p, w0[n]) for n, p in model.named_parameters())
+    state = json.loads((tmp_path / "b" / "state.json").read_text())
+    assert len(state["units"]) == stop_after
+    resumed = run_experiment(cfg, model=model, tokenizer=tok, out_dir=tmp_path / "b", progress=False,
+                             second_moments=c0)
+    assert _metrics(resumed["rows"]) == _metrics(full["rows"])
+    assert all(torch.equal(p, w0[n]) for n, p in model.named_parameters())
+    for name in ("results.json", "results.csv", f"{cfg.experiment}.png"):
+        assert (tmp_path / "b" / name).stat().st_size > 0
+    csv_lines = (tmp_path / "b" / "results.csv").read_text().splitlines()
+    assert len(csv_lines) == len(full["rows"]) + 1
+    assert full["rows"][0]["method"] == "none"  # the unedited baseline comes first
+    assert not (tmp_path / "b" / "checkpoints").exists() or not any((tmp_path / "b" / "checkpoints").iterdir())
+
+
+def test_layer_sweep_scores_equal_editing_each_fact_alone(toy, tmp_path):
+    """The sweep's hook-based singular scores must equal: edit the one fact with the Editor,
+    evaluate that record on the edited weights, restore."""
+    from pmedit.data import load_counterfact
+    from pmedit.editor import Editor
+    from pmedit.evaluate import evaluate_counterfact
+
+    model, tok, data, c0 = toy
+    cfg = _cfg(data, experiment="layer-sweep", layers=[1], total_edits=2, chunk_size=2, baseline=False)
+    run_experiment(cfg, model=model, tokenizer=tok, out_dir=tmp_path, progress=False, second_moments=c0, plot=False)
+    swept = json.loads((tmp_path / "state.json").read_text())["units"]["memit/L1/chunk0"]["records"]
+    recs = load_counterfact(data, limit=2)
+    ed = Editor(model, tok, hparams=cfg.edit_hparams("memit"), second_moments={1: c0[1]}, progress=False)
+    for rec, got in zip(recs, swept):
+        ed.edit([rec.as_memit_dict()])
+        ref = evaluate_counterfact(model, tok, [rec], batch_size=8, progress=False).records[0]
+        ed.restore()
+        for kind in ("rewrite", "paraphrase", "neighborhood"):
+            # hook (x·v)u vs weights W+uvᵀ: fp32 reassociation only
+            assert got["magnitude"][kind] == pytest.approx(ref.magnitude[kind], abs=1e-5)
+            # a random model's two targets can tie to 1e-6, where rounding may flip the
+            # comparison; rewrite and paraphrase have one prompt each here, so their magnitude
+            # is that prompt's margin
+            if kind != "neighborhood" and abs(ref.magnitude[kind]) > 1e-4:
+                assert got["success"][kind] == ref.success[kind]
+
+
+def test_plan_and_resume_guard(toy, tmp_path):
+    _, _, data, _ = toy
+    seq = _cfg(data, experiment="sequential-batch", batch_sizes=[2, 4])
+    assert [u.key for u in plan(seq)] == ["baseline", "memit/S2/batch0", "memit/S2/batch1", "memit/S4/batch0"]
+    sweep = _cfg(data, experiment="layer-sweep", layers=[0, 1], total_edits=3, chunk_size=2, baseline=False)
+    assert [u.key for u in plan(sweep)] == ["memit/L0/chunk0", "memit/L0/chunk1", "memit/L1/chunk0", "memit/L1/chunk1"]
+    from pmedit.experiments.store import RunStore
+
+    RunStore(tmp_path, seq.to_dict())
+    with pytest.raises(ValueError, match=r"different config \(fields \['batch_sizes'\] differ\)"):
+        RunStore(tmp_path, _cfg(data, experiment="sequential-batch", batch_sizes=[4]).to_dict())
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(experiment="nope"), "is not one of"),
+        (dict(experiment="batch", batch_sizes=[2], bogus=1), r"unknown key\(s\) \['bogus'\]"),
+        (dict(experiment="batch", batch_sizes=[]), "needs at least one"),
+        (dict(experiment="batch", batch_sizes=[8]), "exceed total_edits=4"),
+        (dict(experiment="sequential-batch", batch_sizes=[3]), r"\[3\] do not divide total_edits=4"),
+        (dict(experiment="batch", batch_sizes=[2], layers=[1, 2]), "edits one layer"),
+        (dict(experiment="batch", batch_sizes=[2], methods=["mend"]), "field 'methods'"),
+        (dict(experiment="lambda-sweep", batch_sizes=[2], lambdas=[]), "field 'lambdas'"),
+        (dict(experiment="batch", batch_sizes=[2], eval={"entropyy": True}), r"field 'eval': unknown key"),
+        (dict(experiment="batch", batch_sizes=[2], hparams={"layers": [3]}), "experiment's own field"),
+    ],
+)
+def test_config_errors(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        _cfg(tmp_path / "x.json", **kw)
+
+
+def test_cli_end_to_end(smollm2, tmp_path, monkeypatch):
+    """``pmedit experiment batch --config FILE`` on a tiny model saved to disk; C0 collected
+    from a small text file (not given), cached under a temporary PMEDIT_CACHE."""
+    from pmedit.cli import main
+
+    _, tok = smollm2
+    monkeypatch.setenv("PMEDIT_CACHE", str(tmp_path / "cache"))
+    mdir = tmp_path / "model"
+    make_tiny_llama(vocab=len(tok), hidden=32, intermediate=48, layers=2, seed=1).save_pretrained(mdir)
+    tok.save_pretrained(mdir)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"Sentence number {i} talks about towns, rivers and lakes." for i in range(60)))
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps(_records()))
+    cfg = {
+        "experiment": "batch", "model": str(mdir), "data": str(data), "layers": [1], "methods": ["emmet"],
+        "total_edits": 2, "batch_sizes": [2], "preset": None, "baseline": False,
+        "hparams": dict(HP, mom2_corpus=str(corpus), mom2_tokens=200), "eval": {"batch_size": 8},
+        "out_dir": str(tmp_path / "run"),
+    }
+    cpath = tmp_path / "batch.json"
+    cpath.write_text(json.dumps(cfg))
+    assert main(["experiment", "batch", "--config", str(cpath), "--no-progress"]) == 0
+    rows = json.loads((tmp_path / "run" / "results.json").read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["method"] == "emmet" and rows[0]["n_edits"] == 2
+    assert 0.0 <= rows[0]["es"] <= 100.0
+    assert (tmp_path / "run" / "batch.png").is_file()
+    # the name on the command line must match the config
+    assert main(["experiment", "layer-sweep", "--config", str(cpath), "--no-progress"]) == 2
