@@ -304,17 +304,23 @@ def _optimize_chunk(model, tok, spec, layer, edits: list[_Edit], *, lr, steps, k
         with torch.set_grad_enabled(it < steps):
             for g in groups:
                 def add_delta(name, out, g=g):
+                    # .to(out.device): with a device_map the layer may live on another device.
+                    rows, pos = g.all_rows.to(out.device), g.row_pos.to(out.device)
                     if it == 0:  # δ = 0 here: the unedited output at the bare prompt's subject
-                        h[act[g.bare_edit]] = out[g.bare_row, g.row_pos[g.bare_row]].detach().float()
-                    return out.index_put((g.all_rows, g.row_pos), d_param[g.row_edit].to(out.dtype), accumulate=True)
+                        b = g.bare_row.to(out.device)
+                        h[act[g.bare_edit]] = out[b, pos[b]].detach().float().to(device)
+                    add = d_param[g.row_edit].to(device=out.device, dtype=out.dtype)
+                    return out.index_put((rows, pos), add, accumulate=True)
 
                 with Trace(model, layer_name, edit_output=add_delta):
                     hs = body(input_ids=g.ids, attention_mask=g.mask, use_cache=False).last_hidden_state
                 # Only the scored positions reach the vocabulary projection.
-                sel = torch.cat([hs[g.tok_row, g.tok_pos], hs[g.kl_row, g.kl_pos]])
+                r = torch.cat([g.tok_row, g.kl_row]).to(hs.device)
+                q = torch.cat([g.tok_pos, g.kl_pos]).to(hs.device)
+                sel = hs[r, q]
                 if norm is not None:
                     sel = norm(sel)
-                logits = lm_head(sel).float()
+                logits = lm_head(sel.to(lm_head.weight.device)).float().to(device)
                 n_tok = g.tok_row.numel()
                 if n_tok:
                     tok_logp = torch.log_softmax(logits[:n_tok], dim=-1)
