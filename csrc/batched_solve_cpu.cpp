@@ -12,12 +12,43 @@
 
 namespace {
 
+// Per-matrix input statistics, gathered while the matrix is being copied (it is in cache then):
+// max|a_ij - a_ji|, max|a_ij| and the number of non-finite entries (stats[0..2]).
+template <typename T>
+void copy_with_stats(const T* __restrict a_in, T* __restrict u, int64_t n, double* __restrict stats) {
+  double asym = 0, amax = 0, bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = i; j < n; ++j) {
+      const T v = a_in[i * n + j];
+      const T w = a_in[j * n + i];
+      u[i * n + j] = v;
+      if (!std::isfinite(v) || !std::isfinite(w)) {
+        bad += (!std::isfinite(v)) + (j != i && !std::isfinite(w));
+        continue;
+      }
+      amax = std::max(amax, static_cast<double>(std::abs(v)));
+      amax = std::max(amax, static_cast<double>(std::abs(w)));
+      asym = std::max(asym, std::abs(static_cast<double>(v) - static_cast<double>(w)));
+    }
+  }
+  stats[0] = asym;
+  stats[1] = amax;
+  stats[2] = bad;
+}
+
 template <typename T>
 int64_t factor_solve_one(const T* __restrict a_in, const T* __restrict b_in, T* __restrict x, T* __restrict u,
-                         int64_t n, int64_t m) {
+                         int64_t n, int64_t m, double* __restrict stats) {
   // u <- upper triangle of A (rows i, columns j >= i), row-major with stride n.
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = i; j < n; ++j) u[i * n + j] = a_in[i * n + j];
+  if (stats != nullptr) {
+    double bad_b = 0;
+    for (int64_t i = 0; i < n * m; ++i) bad_b += !std::isfinite(b_in[i]);
+    stats[3] = bad_b;
+    copy_with_stats<T>(a_in, u, n, stats);
+  } else {
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = i; j < n; ++j) u[i * n + j] = a_in[i * n + j];
+  }
   for (int64_t k = 0; k < n; ++k) {
     T* uk = u + k * n;
     const T akk = uk[k];
@@ -66,7 +97,7 @@ int64_t factor_solve_one(const T* __restrict a_in, const T* __restrict b_in, T* 
 }
 
 template <typename T>
-void run(const torch::Tensor& A, const torch::Tensor& B, torch::Tensor& X, torch::Tensor& info) {
+void run(const torch::Tensor& A, const torch::Tensor& B, torch::Tensor& X, torch::Tensor& info, double* stats) {
   const int64_t b = A.size(0), n = A.size(1), m = B.size(2);
   const T* a = A.data_ptr<T>();
   const T* bb = B.data_ptr<T>();
@@ -75,14 +106,22 @@ void run(const torch::Tensor& A, const torch::Tensor& B, torch::Tensor& X, torch
 #pragma omp parallel
   {
     std::vector<T> u(static_cast<size_t>(n * n));
-#pragma omp for schedule(static)
+    // Dynamic chunks: on a shared machine one descheduled thread must not hold up the batch.
+#pragma omp for schedule(dynamic, 16)
     for (int64_t i = 0; i < b; ++i) {
-      inf[i] = static_cast<int32_t>(factor_solve_one<T>(a + i * n * n, bb + i * n * m, x + i * n * m, u.data(), n, m));
+      inf[i] = static_cast<int32_t>(factor_solve_one<T>(a + i * n * n, bb + i * n * m, x + i * n * m, u.data(), n, m,
+                                                        stats == nullptr ? nullptr : stats + 4 * i));
     }
   }
 }
 
-std::vector<torch::Tensor> factor_solve(torch::Tensor A, torch::Tensor B) {
+// The factorization with the input check fused into its copy-in: returns (X, info, stats)
+// where stats [b, 3] fp64 is (max|a_ij - a_ji|, max|a_ij|, non-finite count) per matrix. The
+// caller validates A from stats before trusting X (outputs are fresh tensors, A is unchanged);
+// a fourth column counts the non-finite entries of B.
+std::vector<torch::Tensor> factor_solve_checked(torch::Tensor A, torch::Tensor B);
+
+std::vector<torch::Tensor> factor_solve_impl(torch::Tensor A, torch::Tensor B, bool with_stats) {
   TORCH_CHECK(A.device().is_cpu() && B.device().is_cpu(), "batched_solve_cpu: A and B must be CPU tensors");
   TORCH_CHECK(A.dim() == 3 && A.size(1) == A.size(2), "batched_solve_cpu: A must be [b, n, n], got ", A.sizes());
   TORCH_CHECK(B.dim() == 3 && B.size(0) == A.size(0) && B.size(1) == A.size(1),
@@ -93,12 +132,22 @@ std::vector<torch::Tensor> factor_solve(torch::Tensor A, torch::Tensor B) {
   TORCH_CHECK(A.is_contiguous() && B.is_contiguous(), "batched_solve_cpu: A and B must be contiguous");
   auto X = torch::empty_like(B);
   auto info = torch::zeros({A.size(0)}, A.options().dtype(torch::kInt32));
-  if (A.size(0) == 0 || A.size(1) == 0) return {X, info};
-  if (A.scalar_type() == torch::kFloat64)
-    run<double>(A, B, X, info);
-  else
-    run<float>(A, B, X, info);
+  auto stats = torch::zeros({with_stats ? A.size(0) : 0, 4}, A.options().dtype(torch::kFloat64));
+  if (A.size(0) > 0 && A.size(1) > 0) {
+    double* sp = with_stats ? stats.data_ptr<double>() : nullptr;
+    if (A.scalar_type() == torch::kFloat64)
+      run<double>(A, B, X, info, sp);
+    else
+      run<float>(A, B, X, info, sp);
+  }
+  if (with_stats) return {X, info, stats};
   return {X, info};
+}
+
+std::vector<torch::Tensor> factor_solve(torch::Tensor A, torch::Tensor B) { return factor_solve_impl(A, B, false); }
+
+std::vector<torch::Tensor> factor_solve_checked(torch::Tensor A, torch::Tensor B) {
+  return factor_solve_impl(A, B, true);
 }
 
 template <typename T>
@@ -148,4 +197,6 @@ torch::Tensor check_stats(torch::Tensor A) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("check_stats", &check_stats, "Per-matrix (max asymmetry, max |a|, non-finite count)");
   mod.def("factor_solve", &factor_solve, "Batched Cholesky factor + solve: (X, info)");
+  mod.def("factor_solve_checked", &factor_solve_checked,
+          "Batched Cholesky factor + solve with the input check fused in: (X, info, stats)");
 }

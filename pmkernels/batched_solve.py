@@ -74,7 +74,7 @@ def _availability(name: str, n: int):
     return check
 
 
-def _validate(A: torch.Tensor, B: torch.Tensor) -> None:
+def _validate_shapes(A: torch.Tensor, B: torch.Tensor) -> None:
     for nm, t in (("A", A), ("B", B)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"batched_spd_solve: {nm} must be a torch.Tensor, got {type(t).__name__}")
@@ -89,16 +89,27 @@ def _validate(A: torch.Tensor, B: torch.Tensor) -> None:
         raise ValueError(f"batched_spd_solve: B is {B.dtype} but A is {A.dtype}")
     if B.device != A.device:
         raise ValueError(f"batched_spd_solve: B is on {B.device} but A is on {A.device}")
-    _check_finite("B", B, bool(torch.isfinite(B.sum())) if B.numel() else True)
+
+
+def _validate_values(A: torch.Tensor, B: torch.Tensor, stats: torch.Tensor | None) -> None:
+    """NaN/Inf anywhere, or a matrix whose two triangles disagree, is an error naming it.
+
+    ``stats`` [b, 3] = (max|a_ij − a_ji|, max|a_ij|, non-finite count), plus a fourth column
+    counting B's non-finite entries, when the C++ backend gathered them during its copy-in;
+    otherwise they are computed here in torch.
+    """
+    # A finite sum proves every entry finite (NaN/Inf propagate); only a non-finite sum pays
+    # for the scan that locates the culprit.
+    if stats is not None and stats.shape[1] == 4:
+        _check_finite("B", B, not bool(stats[:, 3].any()))
+    else:
+        _check_finite("B", B, bool(torch.isfinite(B.sum())) if B.numel() else True)
     if A.numel() == 0:
         return
-    stats = _cpu_stats(A)
-    if stats is not None:  # one fused C++ pass on CPU
-        asym, scale, nonfinite = stats.unbind(1)
+    if stats is not None:
+        asym, scale, nonfinite = stats[:, :3].unbind(1)
         _check_finite("A", A, not bool(nonfinite.any()))
     else:
-        # A finite sum proves every entry finite (NaN/Inf propagate); only a non-finite sum
-        # pays for the scan that locates the culprit.
         _check_finite("A", A, bool(torch.isfinite(A.sum())))
         scale = A.abs().amax(dim=(1, 2)).double()
         asym = (A - A.mT).abs().amax(dim=(1, 2)).double()
@@ -122,7 +133,8 @@ def _check_finite(nm: str, t: torch.Tensor, ok: bool) -> None:
 
 
 def _cpu_stats(A: torch.Tensor) -> torch.Tensor | None:
-    if A.device.type != "cpu":
+    """The same statistics from one C++ pass, for CPU tensors going to a non-C++ backend."""
+    if A.device.type != "cpu" or A.numel() == 0:
         return None
     from pmkernels import batched_solve_cpu
 
@@ -149,7 +161,7 @@ def batched_spd_solve(
     vec = isinstance(B, torch.Tensor) and isinstance(A, torch.Tensor) and B.ndim == 2 and A.ndim == 3
     if vec:
         B = B.unsqueeze(-1)
-    _validate(A, B)
+    _validate_shapes(A, B)
     if max_retries < 0:
         raise ValueError(f"batched_spd_solve: max_retries must be >= 0, got {max_retries}")
     b, n, m = B.shape
@@ -160,11 +172,18 @@ def batched_spd_solve(
     B = B.contiguous()
     jitter = torch.zeros(b, dtype=A.dtype, device=A.device)
     if b == 0 or n == 0:
+        _validate_values(A, B, None)
         X = torch.empty_like(B)
         info = torch.zeros(b, dtype=torch.int32, device=A.device)
         return BatchedSolve(X.squeeze(-1) if vec else X, info, jitter, name)
 
-    X, info = mod.factor_solve(A, B)
+    if name == "cpu":
+        # The check rides along the factorization's copy-in; results are only used after it passes.
+        X, info, stats = mod.factor_solve_checked(A, B)
+        _validate_values(A, B, stats)
+    else:
+        _validate_values(A, B, _cpu_stats(A))
+        X, info = mod.factor_solve(A, B)
     failed = (info != 0).nonzero().flatten()
     first_info = info.clone()
     if failed.numel():

@@ -4,7 +4,10 @@ EMMET reference: what the research code does per batch, in fp64: ``torch.inverse
 D = KᵀC⁻¹K + λₑI, ``torch.inverse(D)`` (``pinv`` if that fails), Δ = R D⁻¹ KᵀC⁻¹. Ours:
 ``pm_delta`` from C0 (factorization, condition estimate and residual included), and, as a
 separate row, with C factored once outside the timing (sequential-batched editing reuses it).
-Every row checks that its Δ equals the reference's to 1e-8 relative and records the figure.
+Every row records how far its Δ is from the reference's (the issue asks for 1e-8 relative) and
+from an independent, more accurate solution: once E > d, D = KᵀC⁻¹K + λₑI is so ill-conditioned
+that the explicit inverses themselves are off by more than 1e-8, and the figures say which side
+is the accurate one.
 
 Batched reference: a Python loop of ``torch.linalg.cholesky`` + ``cholesky_solve`` per matrix;
 torch's own batched calls are timed in the same rounds, and extra rows give each provider's
@@ -36,14 +39,34 @@ def _reference_emmet(R, K, C, lam_e):
     return R @ Di @ K.mT @ Ci
 
 
+def _accurate_emmet(R, K, C, lam_e):
+    """An independent, more accurate Δ to judge both sides by.
+
+    With λₑ > 0, the dual form Δ = RKᵀ(KKᵀ + λₑC)⁻¹ solved by LU (not Cholesky) plus two steps
+    of fp64 iterative refinement: its matrix is far better conditioned than D = KᵀC⁻¹K + λₑI
+    once E > d, which is exactly where explicit inverses lose digits. With λₑ = 0 (E ≤ d,
+    well-conditioned D here) the explicit formula itself is accurate and is used.
+    """
+    if lam_e == 0:
+        return _reference_emmet(R, K, C, lam_e)
+    M = K @ K.mT + lam_e * C
+    B = K @ R.mT
+    X = torch.linalg.solve(M, B)
+    for _ in range(2):
+        X = X + torch.linalg.solve(M, B - M @ X)
+    return X.mT
+
+
 def _emmet_problem(d, d_out, E, device, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
+    kw = dict(generator=g, dtype=torch.float64, device=device)
     # A second moment with a decaying spectrum, like MLP keys: X Xᵀ/N with column scales 1..1e-2.
-    X = torch.randn(d, 2 * d, generator=g, dtype=torch.float64) * torch.logspace(0, -2, 2 * d, dtype=torch.float64)
+    X = torch.randn(d, 2 * d, **kw) * torch.logspace(0, -2, 2 * d, dtype=torch.float64, device=device)
     C0 = X @ X.mT / (2 * d)
-    K = torch.randn(d, E, generator=g, dtype=torch.float64)
-    R = torch.randn(d_out, E, generator=g, dtype=torch.float64)
-    return C0.to(device), K.to(device), R.to(device)
+    del X
+    K = torch.randn(d, E, **kw)
+    R = torch.randn(d_out, E, **kw)
+    return C0, K, R
 
 
 def _emmet_case(d, d_out, E, lam_e, device, *, repeats, with_fp32=True) -> list[Row]:
@@ -60,16 +83,20 @@ def _emmet_case(d, d_out, E, lam_e, device, *, repeats, with_fp32=True) -> list[
     }
     if with_fp32:
         fns["pm_delta fp32+refine"] = lambda: pm_delta("emmet", R, K, C0, lam=lam, lam_e=lam_e, precision="fp32")
-    agreement, route = {}, None
+    truth = _accurate_emmet(R, K, lam * C0, lam_e)
+    ref_err = float((ref - truth).norm() / truth.norm())
+    agreement, accuracy, route = {}, {}, None
     for name, fn in fns.items():
         if name.startswith("reference"):
             continue
         out = fn()
         route = out.route
-        err = float((out.delta - ref).norm() / ref.norm())
-        agreement[name] = err
-        if err > _AGREE:
-            print(f"  WARNING: {name} differs from the reference by {err:.2e} (> {_AGREE:g})")
+        agreement[name] = float((out.delta - ref).norm() / ref.norm())
+        accuracy[name] = float((out.delta - truth).norm() / truth.norm())
+        if agreement[name] > _AGREE:
+            print(f"  note: {name} differs from the reference by {agreement[name]:.1e} (> {_AGREE:g}); "
+                  f"its error vs the accurate solution is {accuracy[name]:.1e}, the reference's {ref_err:.1e}")
+        del out
     rows = compare(
         SECTION,
         f"EMMET d={d} d_out={d_out} E={E} lam_e={lam_e:g} {device.type}",
@@ -83,9 +110,14 @@ def _emmet_case(d, d_out, E, lam_e, device, *, repeats, with_fp32=True) -> list[
     )
     for r in rows:
         if r.provider in agreement:
-            r.extra.update(rel_diff_vs_reference=agreement[r.provider], route=route)
-    print("  relative difference from the reference: "
-          + ", ".join(f"{k}: {v:.1e}" for k, v in agreement.items()) + f" (route: {route})")
+            r.extra.update(rel_diff_vs_reference=agreement[r.provider], rel_err_vs_accurate=accuracy[r.provider],
+                           route=route)
+        else:
+            r.extra.update(rel_err_vs_accurate=ref_err)
+    print(f"  route {route}; relative difference from the reference: "
+          + ", ".join(f"{k}: {v:.1e}" for k, v in agreement.items())
+          + f"; error vs an accurate solution: reference {ref_err:.1e}, "
+          + ", ".join(f"{k}: {v:.1e}" for k, v in accuracy.items()))
     return rows
 
 
