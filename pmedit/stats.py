@@ -129,12 +129,15 @@ def plan_batches(tokenizer, corpus: Corpus, *, max_tokens: int, batch_tokens: in
         return False
 
     done = False
+    want = 8  # tokenise in growing chunks: a small budget should not pay for 256 documents
     for text in corpus.shuffled(seed):
         n_docs += 1
         if text.strip():
             chunk.append(text)
-        if len(chunk) >= chunk_docs and (done := flush()):
-            break
+        if len(chunk) >= want:
+            if done := flush():
+                break
+            want = min(2 * want, chunk_docs)
     if not done and chunk:
         flush()
     if total == 0:

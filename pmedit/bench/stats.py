@@ -1,0 +1,142 @@
+"""Bench section ``stats``: C0 collection for several layers in one pass vs one pass per layer.
+
+The reference is what the MEMIT/EasyEdit code does: one collection per layer, each a forward
+pass that stops after that layer's ``down_proj`` (their ``nethook.Trace(..., stop=True)``).
+Ours runs one pass per batch for all layers, stopping after the deepest. Both go through
+:func:`pmedit.stats.collect_second_moments` with the same corpus, token budget, batching and
+covariance backend, so the ratio isolates the pass structure. For layers l₁..l₅ the forward
+work alone predicts a ratio of about Σ(lᵢ+1) / (l₅+1) (3.3× for layers 1–5, 3.9× for 4–8);
+the covariance updates, the same in both, pull it down.
+
+CPU: SmolLM2-135M (the embedded default). GPU (only when CUDA is available): a
+Llama-3-8B-shaped model (hidden 4096, MLP 14336, GQA 32/8 heads, vocab 128256) with random bf16
+weights, layers 1–5; only the 6 layers a pass through layer 5 touches are built. The share of
+time spent in ``SecondMoment.update`` is measured in a separate, synchronised run.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from pmedit.bench.harness import Row, compare
+
+ORDER = 30
+HELP = "C0 statistics: all layers in one pass vs one pass per layer (MEMIT), tokens/s"
+SECTION = "stats"
+
+
+def _update_share(fn, device) -> float:
+    """Fraction of one call of ``fn`` spent inside SecondMoment.update (synchronised timing)."""
+    from pmkernels.covariance import SecondMoment
+
+    spent = [0.0]
+    real = SecondMoment.update
+
+    def timed(self, x, mask=None):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        out = real(self, x, mask)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        spent[0] += time.perf_counter() - t0
+        return out
+
+    SecondMoment.update = timed  # bench-only instrumentation of our own class, restored below
+    try:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        total = time.perf_counter() - t0
+    finally:
+        SecondMoment.update = real
+    return spent[0] / total if total > 0 else 0.0
+
+
+def _case(model, tok, layers: list[int], corpus, *, tokens: int, batch_tokens: int, repeats: int,
+          device: torch.device, label: str) -> list[Row]:
+    from pmedit.models import ModelSpec
+    from pmedit.stats import collect_second_moments
+
+    spec = ModelSpec.from_model(model)
+    kw = dict(max_tokens=tokens, batch_tokens=batch_tokens, progress=False, spec=spec)
+    results = {}
+
+    def one_pass():
+        results["one"] = collect_second_moments(model, tok, layers, corpus, **kw)
+
+    def per_layer():
+        results["per"] = {l: collect_second_moments(model, tok, [l], corpus, **kw)[l] for l in layers}
+
+    rows = compare(
+        SECTION,
+        f"{label} layers {layers[0]}-{layers[-1]} {tokens} tok",
+        {"one pass per layer (MEMIT)": per_layer, "one pass, all layers": one_pass},
+        reference="one pass per layer (MEMIT)",
+        work=tokens,
+        unit="tok",
+        repeats=repeats,
+        warmup=1,
+        device=device,
+    )
+    # The two must agree (same forward ops below the stop point) or the timing means nothing.
+    # On the CPU they are bit-identical; GPU kernels may pick other algorithms run to run, so
+    # there a relative 1e-2 (bf16 activations carry 8 bits) is the bound.
+    for l in layers:
+        a, b = results["one"][l], results["per"][l]
+        sa, sb = a.sum(), b.sum()
+        rel = float((sa - sb).abs().max() / sb.abs().max().clamp_min(1e-300))
+        if a.count != b.count or (device.type == "cpu" and rel != 0.0) or rel > 1e-2:
+            raise RuntimeError(f"bench stats: layer {l} differs between one-pass and per-layer collection "
+                               f"(counts {a.count} vs {b.count}, max relative difference {rel:.3g})")
+    share = _update_share(one_pass, device)
+    for r in rows:
+        r.extra.update({"layers": layers, "batch_tokens": batch_tokens})
+    rows[-1].extra["covariance_share"] = round(share, 3)
+    print(f"  {label} layers {layers}: {share:.0%} of the one-pass time is in SecondMoment.update", flush=True)
+    return rows
+
+
+def _gpu_rows(quick: bool) -> list[Row]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pmedit.corpus import resolve_corpus
+    from pmedit.models import load_model
+
+    device = torch.device("cuda")
+    _, tok = load_model()  # any tokenizer works with random weights; ids < 49152 fit the vocab
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=6, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                      rope_theta=500000.0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    corpus = resolve_corpus("wiki-offline")
+    tokens = 32_768 if quick else 262_144
+    return _case(model, tok, [1, 2, 3, 4, 5], corpus, tokens=tokens, batch_tokens=16_384,
+                 repeats=3 if quick else 5, device=device, label="Llama-3-8B-shaped bf16 random (cuda)")
+
+
+def run(quick: bool = False) -> list[Row]:
+    from pmedit.corpus import resolve_corpus
+    from pmedit.models import load_model
+
+    rows: list[Row] = []
+    model, tok = load_model()
+    corpus = resolve_corpus("wiki-offline")
+    cpu = torch.device("cpu")
+    if quick:
+        rows += _case(model, tok, [1, 2, 3, 4, 5], corpus, tokens=512, batch_tokens=1024, repeats=3,
+                      device=cpu, label="SmolLM2-135M fp32 cpu")
+    else:
+        for layers in ([1, 2, 3, 4, 5], [4, 5, 6, 7, 8]):
+            rows += _case(model, tok, layers, corpus, tokens=2048, batch_tokens=1024, repeats=3,
+                          device=cpu, label="SmolLM2-135M fp32 cpu")
+    del model
+    if torch.cuda.is_available():
+        rows += _gpu_rows(quick)
+    return rows
