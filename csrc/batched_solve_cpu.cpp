@@ -15,13 +15,13 @@ namespace {
 // Per-matrix input statistics, gathered while the matrix is being copied (it is in cache then):
 // max|a_ij - a_ji|, max|a_ij| and the number of non-finite entries (stats[0..2]).
 template <typename T>
-void copy_with_stats(const T* __restrict a_in, T* __restrict u, int64_t n, double* __restrict stats) {
+void copy_with_stats(const T* __restrict a_in, T* __restrict u, int64_t n, int64_t ld, double* __restrict stats) {
   double asym = 0, amax = 0, bad = 0;
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t j = i; j < n; ++j) {
       const T v = a_in[i * n + j];
       const T w = a_in[j * n + i];
-      u[i * n + j] = v;
+      u[i * ld + j] = v;
       if (!std::isfinite(v) || !std::isfinite(w)) {
         bad += (!std::isfinite(v)) + (j != i && !std::isfinite(w));
         continue;
@@ -36,21 +36,28 @@ void copy_with_stats(const T* __restrict a_in, T* __restrict u, int64_t n, doubl
   stats[2] = bad;
 }
 
+// Rows of the working copy are padded to a multiple of kPad elements and every update loop
+// starts at a kPad-aligned column: the short, ragged rows of a triangle (average length n/3)
+// then run as whole vectors with no scalar remainder. The extra lanes only write entries left
+// of the diagonal (the unused lower half, never read) or right of column n (padding).
+constexpr int64_t kPad = 16;
+
 template <typename T>
 int64_t factor_solve_one(const T* __restrict a_in, const T* __restrict b_in, T* __restrict x, T* __restrict u,
                          int64_t n, int64_t m, double* __restrict stats) {
-  // u <- upper triangle of A (rows i, columns j >= i), row-major with stride n.
+  const int64_t ld = (n + kPad - 1) / kPad * kPad;
+  // u <- upper triangle of A (rows i, columns j >= i), row-major with stride ld.
   if (stats != nullptr) {
     double bad_b = 0;
     for (int64_t i = 0; i < n * m; ++i) bad_b += !std::isfinite(b_in[i]);
     stats[3] = bad_b;
-    copy_with_stats<T>(a_in, u, n, stats);
+    copy_with_stats<T>(a_in, u, n, ld, stats);
   } else {
     for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = i; j < n; ++j) u[i * n + j] = a_in[i * n + j];
+      for (int64_t j = i; j < n; ++j) u[i * ld + j] = a_in[i * n + j];
   }
   for (int64_t k = 0; k < n; ++k) {
-    T* uk = u + k * n;
+    T* uk = u + k * ld;
     const T akk = uk[k];
     if (!(akk > T(0))) return k + 1;  // also catches NaN
     const T piv = std::sqrt(akk);
@@ -59,15 +66,15 @@ int64_t factor_solve_one(const T* __restrict a_in, const T* __restrict b_in, T* 
     for (int64_t j = k + 1; j < n; ++j) uk[j] *= inv;
     for (int64_t i = k + 1; i < n; ++i) {
       const T f = uk[i];
-      T* ui = u + i * n;
+      T* ui = u + i * ld;
 #pragma omp simd
-      for (int64_t j = i; j < n; ++j) ui[j] -= f * uk[j];
+      for (int64_t j = i & ~(kPad - 1); j < ld; ++j) ui[j] -= f * uk[j];
     }
   }
   for (int64_t i = 0; i < n * m; ++i) x[i] = b_in[i];
   // Forward: U^T y = b. Row k of U is column k of L.
   for (int64_t k = 0; k < n; ++k) {
-    const T* uk = u + k * n;
+    const T* uk = u + k * ld;
     T* xk = x + k * m;
     const T inv = T(1) / uk[k];
 #pragma omp simd
@@ -81,7 +88,7 @@ int64_t factor_solve_one(const T* __restrict a_in, const T* __restrict b_in, T* 
   }
   // Backward: U x = y.
   for (int64_t i = n - 1; i >= 0; --i) {
-    const T* ui = u + i * n;
+    const T* ui = u + i * ld;
     T* xi = x + i * m;
     for (int64_t j = i + 1; j < n; ++j) {
       const T f = ui[j];
@@ -105,7 +112,8 @@ void run(const torch::Tensor& A, const torch::Tensor& B, torch::Tensor& X, torch
   int32_t* inf = info.data_ptr<int32_t>();
 #pragma omp parallel
   {
-    std::vector<T> u(static_cast<size_t>(n * n));
+    // Zero-filled once per thread: the padding and the lower half only ever hold finite values.
+    std::vector<T> u(static_cast<size_t>(n * ((n + kPad - 1) / kPad * kPad)), T(0));
     // Dynamic chunks: on a shared machine one descheduled thread must not hold up the batch.
 #pragma omp for schedule(dynamic, 16)
     for (int64_t i = 0; i < b; ++i) {
