@@ -12,6 +12,16 @@ from pmedit import models as M
 from pmedit.models import LayerIndexError, ModelSpec, load_model
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread while this module runs: on a shared, oversubscribed 2-core machine
+    two threads make small GEMMs ~100x slower (barrier spinning); results do not depend on it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _tiny(family: str):
     common = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=97, max_position_embeddings=64)

@@ -20,11 +20,74 @@ from pmedit.corpus import resolve_corpus
 from pmedit.hooks import run_until
 from pmedit.models import LayerIndexError, ModelSpec
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread while this module runs: on a shared, oversubscribed 2-core machine
+    two threads make small GEMMs ~100x slower (barrier spinning); results do not depend on it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 LAYERS = [0, 2]
 TOKENS = 600
 BATCH = 256  # packs the 600 tokens as [158], [142], [107, 88], [72, 33]: two padded batches
 # checkpointed runs: a checkpoint every CKPT tokens, so ~6 in a run
 CKPT = 100
+
+
+class CharTokenizer:
+    """Enough of a HF tokenizer for pmedit.stats: one id per character, no download needed."""
+
+    pad_token_id = 0
+    eos_token_id = 0
+    model_max_length = 48
+
+    def __call__(self, texts, add_special_tokens=True, truncation=True, max_length=None):
+        return {"input_ids": [[1 + ord(c) % 120 for c in t][:max_length] for t in texts]}
+
+
+def _random_texts(n: int, seed: int = 0) -> list[str]:
+    g = torch.Generator().manual_seed(seed)
+    words = ["alpha", "beta", "gamma", "delta", "pi", "omega", "x", "tau"]
+    out = []
+    for _ in range(n):
+        k = int(torch.randint(1, 14, (1,), generator=g))
+        out.append(" ".join(words[int(i)] for i in torch.randint(0, len(words), (k,), generator=g)))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiny_llama_against_naive_fp64(dtype, tmp_path):
+    """No download: a random Llama with odd sizes, a char tokenizer, heavily padded batches."""
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama(hidden=40, intermediate=72, layers=3, vocab=128).to(dtype)
+    tok = CharTokenizer()
+    texts = _random_texts(60)
+    spec = ModelSpec.from_model(model)
+    plan = S.plan_batches(tok, resolve_corpus(texts), max_tokens=900, batch_tokens=100, max_length=48, seed=3)
+    assert sum(len(b) * max(map(len, b)) for b in plan.batches) > plan.tokens  # padding present
+    got = S.collect_second_moments(model, tok, [2, 0], texts, max_tokens=900, batch_tokens=100, seed=3,
+                                   progress=False)
+    assert sorted(got) == [0, 2]
+    for layer in (0, 2):
+        assert got[layer].count == plan.tokens == 900
+        single = S.collect_second_moments(model, tok, [layer], texts, max_tokens=900, batch_tokens=100, seed=3,
+                                          progress=False)[layer]
+        assert torch.equal(single.sum(), got[layer].sum())
+        ref = _naive(model, spec, plan, layer)
+        # fp32: batched vs per-document GEMMs round k differently at ~1e-7, sums of ≤900 rows
+        # in fp32 add ~1e-6. bf16: k itself is rounded to 8 bits, and a padded batch and a
+        # single document may round differently, ~4e-3 per element but averaging out in the
+        # sum; 2e-2 still catches a lost/extra token or a padding row (≥ 1e-1 here).
+        tol = 2e-5 if dtype == torch.float32 else 2e-2
+        assert _rel(got[layer].sum(), ref) < tol, _rel(got[layer].sum(), ref)
+    stats = S.load_or_collect(model, tok, [0, 2], corpus=texts, max_tokens=900, cache_dir=tmp_path,
+                              batch_tokens=100, seed=3, progress=False)
+    assert stats[2].meta["dtype"] == str(dtype).replace("torch.", "") and stats[2].mean.dtype == torch.float64
+    assert torch.equal(stats[2].mean, got[2].mean()) and stats[2].count == 900
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +199,8 @@ def test_padding_is_excluded(smollm2, plan, collected):
 _KILL_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
+    import torch
+    torch.set_num_threads(1)  # as the parent test process, so both runs round alike
     import pmedit.stats as S
     from pmedit.models import load_model, ModelSpec
     ckpt, corpus = sys.argv[1], sys.argv[2]
