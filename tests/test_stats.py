@@ -234,8 +234,14 @@ def test_killed_run_resumes_to_identical_result(smollm2, tmp_path, shared_data, 
     assert "NOT KILLED" not in proc.stdout
     _, meta = S._verified_load(ckpt)
     assert 0 < meta["tokens_done"] < TOKENS and meta["batches_done"] >= 2
+    # a temp file as a writer killed mid-save leaves it (pid 2**22 + 1 is above Linux's pid_max)
+    stale = tmp_path / f".{ckpt.name}.{2**22 + 1}.abc.tmp"
+    stale.write_bytes(b"partial")
+    live = tmp_path / f".{ckpt.name}.{os.getpid()}.abc.tmp"
+    live.write_bytes(b"being written")
     resumed = S.collect_second_moments(model, tok, LAYERS, corpus, max_tokens=TOKENS, batch_tokens=BATCH,
                                        checkpoint=ckpt, checkpoint_tokens=CKPT, progress=False)
+    assert not stale.exists() and live.exists()
     for layer in LAYERS:
         assert resumed[layer].count == checkpointed[layer].count == TOKENS  # nothing lost, nothing twice
         assert torch.equal(resumed[layer].sum(), checkpointed[layer].sum())
