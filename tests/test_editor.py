@@ -572,3 +572,47 @@ def test_4096_edits_one_batch_bounded_memory(tmp_path, monkeypatch):
     assert grew_mib < 300, grew_mib
     assert report.batches[0].update_norms[1] > 0
     assert torch.isfinite(ed._weight(1)).all()
+
+
+# ------------------------------------------------------------------------------- the CLI
+
+
+def test_cli_reads_json_and_jsonl(tmp_path):
+    from pmedit.commands.edit import read_requests
+
+    rows = [{"prompt": "The capital of {} is", "subject": "France", "target_new": {"str": "Rome"}},
+            {"case_id": 7, "requested_rewrite": {"prompt": "{} plays", "subject": "Ann", "target_new": {"str": "golf"},
+                                                 "target_true": {"str": "chess"}}}]
+    jl = tmp_path / "r.jsonl"
+    jl.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    js = tmp_path / "r.json"
+    js.write_text(json.dumps(rows))
+    assert read_requests(jl) == read_requests(js)
+    assert [r.case_id for r in read_requests(js)] == [None, 7]
+    jl.write_text(json.dumps(rows[0]) + "\n{oops\n")
+    with pytest.raises(ValueError, match="r.jsonl, line 2"):
+        read_requests(jl)
+    js.write_text(json.dumps([rows[0], {"prompt": "{} is", "subject": "X", "target_new": ""}]))
+    with pytest.raises(ValueError, match="r.json: request 1 .*target_new"):
+        read_requests(js)
+
+
+def test_cli_hparams_resolution(tmp_path):
+    import argparse
+
+    from pmedit.commands.edit import _hparams, add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert _hparams(p.parse_args([])) == EditHparams.preset("smollm2")
+    hp = _hparams(p.parse_args(["--method", "memit", "--layers", "3,4", "--steps", "5"]))
+    assert (hp.method, hp.layers, hp.steps) == ("memit", (3, 4), 5)
+    f = tmp_path / "hp.yaml"
+    EditHparams(layers=[2], lam=3.0).save(f)
+    assert _hparams(p.parse_args(["--hparams", str(f)])).lam == 3.0
+    with pytest.raises(ValueError, match="not both"):
+        _hparams(p.parse_args(["--hparams", str(f), "--preset", "smollm2"]))
+    with pytest.raises(ValueError, match="--layers"):
+        _hparams(p.parse_args(["--model", "some/model"]))
+    with pytest.raises(SystemExit):
+        p.parse_args(["--layers", "a,b"])
