@@ -1,0 +1,105 @@
+"""CounterFact evaluation throughput on SmolLM2: batched ES/PS/NS scoring against one prompt at
+a time, and singular-edit evaluation through per-row hooks against copying weights per edit.
+
+"one prompt at a time" is the naive evaluation loop: one full-model forward per
+(prompt, target) pair, full logits, NLL from them. "batched" is
+:func:`pmedit.evaluate.evaluate_counterfact`: all pairs of all records in padded batches, one
+forward each, the output embedding only at target positions. Both produce the same NLLs (the
+bench checks it) on the original-layout CounterFact records (1 rewrite + 2 paraphrase + 10
+neighbourhood prompts, two targets each: 26 sequences per record).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from pmedit.bench.harness import Row, compare
+
+ORDER = 50
+HELP = "CounterFact scoring: batched vs one prompt at a time; singular edits via hooks vs weight copies"
+
+DATA = Path(os.environ.get("PMEDIT_SHARED_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
+
+
+def _naive_scores(model, tok, records):
+    """The reference loop: one unpadded full-model forward per prompt and target."""
+    from pmedit.evaluate import prompt_ids, target_ids
+
+    out = []
+    with torch.no_grad():
+        for rec in records:
+            kinds = [([rec.rewrite_prompt], rec.target_true), (list(rec.paraphrase_prompts), rec.target_true),
+                     (list(rec.neighborhood_prompts), rec.neighborhood_target)]
+            for prompts, true in kinds:
+                for p in prompts:
+                    for target in (rec.target_new, true):
+                        pi, ti = prompt_ids(tok, p), target_ids(tok, target)
+                        logits = model(torch.tensor([pi + ti])).logits[0]
+                        logp = torch.log_softmax(logits[len(pi) - 1 : len(pi) + len(ti) - 1].float(), -1)
+                        out.append(-logp[torch.arange(len(ti)), torch.tensor(ti)].mean().item())
+    return out
+
+
+def run(quick: bool = False) -> list[Row]:
+    from pmedit.data import load_counterfact
+    from pmedit.evaluate import RankOneEdits, evaluate_counterfact
+    from pmedit.models import load_model
+
+    path = DATA / "counterfact" / "counterfact_original_500.json"
+    if not path.is_file():
+        print(f"eval: skipped, {path} not found (set PMEDIT_SHARED_DATA)")
+        return []
+    n = 4 if quick else 8
+    repeats = 2 if quick else 3
+    records = load_counterfact(path, limit=n)
+    model, tok = load_model()
+    model.eval()
+
+    # the two paths must agree before their speed means anything
+    res = evaluate_counterfact(model, tok, records, progress=False)
+    naive = _naive_scores(model, tok, records[:1])
+    want = float(torch.exp(torch.tensor(-naive[0])) - torch.exp(torch.tensor(-naive[1])))
+    if abs(res.records[0].magnitude["rewrite"] - want) > 1e-4:  # fp32 padding/batching noise is ~1e-6
+        raise RuntimeError(f"batched and one-at-a-time scores disagree: {res.records[0].magnitude['rewrite']} vs {want}")
+
+    case = f"{n} records x 26 seqs, SmolLM2 fp32"
+    rows = compare(
+        "eval", case,
+        {
+            "one prompt at a time": lambda: _naive_scores(model, tok, records),
+            "batched": lambda: evaluate_counterfact(model, tok, records, progress=False, batch_size=64),
+        },
+        reference="one prompt at a time", work=n, unit="records", repeats=repeats, warmup=1,
+    )
+
+    lin = model.model.layers[4].mlp.down_proj
+    w0 = lin.weight.detach().clone()
+    g = torch.Generator().manual_seed(0)
+    U = torch.randn(n, lin.weight.shape[0], generator=g)
+    V = torch.randn(n, lin.weight.shape[1], generator=g) * 0.05
+
+    def copy_per_edit():
+        try:
+            for i, rec in enumerate(records):
+                with torch.no_grad():
+                    lin.weight.add_(torch.outer(U[i], V[i]))
+                evaluate_counterfact(model, tok, [rec], progress=False)
+                with torch.no_grad():
+                    lin.weight.copy_(w0)
+        finally:
+            with torch.no_grad():
+                lin.weight.copy_(w0)
+
+    def hooks():
+        evaluate_counterfact(model, tok, records, edits=RankOneEdits(lin, U, V), progress=False)
+
+    rows += compare(
+        "eval", f"{n} singular edits (rank-one, layer 4), ES/PS/NS",
+        {"copy weights per edit": copy_per_edit, "per-row hooks": hooks},
+        reference="copy weights per edit", work=n, unit="records", repeats=repeats, warmup=1,
+    )
+    if not torch.equal(lin.weight, w0):
+        raise RuntimeError("eval bench left the model edited")
+    return rows
