@@ -323,8 +323,9 @@ def _optimize_chunk(model, tok, spec, layer, edits: list[_Edit], *, lr, steps, k
                 logits = lm_head(sel.to(lm_head.weight.device)).float().to(device)
                 n_tok = g.tok_row.numel()
                 if n_tok:
-                    tok_logp = torch.log_softmax(logits[:n_tok], dim=-1)
-                    nll_tok = -tok_logp.gather(1, g.tok_target[:, None]).squeeze(1)
+                    # logsumexp − target logit: the NLL without a second [tokens, vocab] tensor
+                    tl = logits[:n_tok]
+                    nll_tok = torch.logsumexp(tl, dim=-1) - tl.gather(1, g.tok_target[:, None]).squeeze(1)
                     nll = nll.index_add(0, g.tok_edit, nll_tok * g.tok_weight)
                     if stop_on_argmax:
                         hit = (logits[:n_tok].argmax(1) == g.tok_target).long()
