@@ -368,3 +368,23 @@ def test_duplicate_keys_need_inner_jitter(caplog):
         res = pm_delta("emmet", R, K, C0)
     assert res.inner_jitter > 0 and "linearly dependent" in caplog.text
     assert float(((res.delta @ K - R).norm() / R.norm())) < 1e-6
+
+
+def test_fp32_refinement_needs_the_matrix():
+    C0, W0, K, V, R = problem(12, 3, 2, 10.0)
+    fac = SPDFactor(C0, keep_matrix=False)
+    with pytest.raises(ValueError, match="keep_matrix=False"):
+        pm_delta("emmet", R, K, fac, precision="fp32")
+    with pytest.raises(RuntimeError, match="not kept"):
+        fac.matmul(K)
+    assert rel(fac.matrix(), C0) < 1e-14  # rebuilt from L Lᵀ instead
+
+
+def test_min_pivot_turns_rounding_noise_into_jitter():
+    # Singular to working precision: a pivot of 1e-17 relative is indistinguishable from
+    # rounding, yet plain Cholesky accepts it.
+    A = torch.diag(torch.tensor([1.0, 2.0, 1e-17, 3.0], dtype=F64))
+    plain = SPDFactor(A, max_retries=0)
+    assert plain.jitter == 0 and plain.pivot_ratio < 1e-12
+    f = SPDFactor(A, min_pivot=1e-12)
+    assert f.jitter > 0 and f.pivot_ratio >= 1e-12
