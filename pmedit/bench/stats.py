@@ -101,24 +101,30 @@ def _case(model, tok, layers: list[int], corpus, *, tokens: int, batch_tokens: i
     return rows
 
 
-def _gpu_rows(quick: bool) -> list[Row]:
+LLAMA3_8B_SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                      vocab_size=128256)
+
+
+def _gpu_rows(quick: bool, *, device: str = "cuda", shape: dict = LLAMA3_8B_SHAPE,
+              tokens: int | None = None, batch_tokens: int = 16_384) -> list[Row]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from pmedit.corpus import resolve_corpus
     from pmedit.models import load_model
 
-    device = torch.device("cuda")
+    device = torch.device(device)
     _, tok = load_model()  # any tokenizer works with random weights; ids < 49152 fit the vocab
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=6, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
-                      rope_theta=500000.0, tie_word_embeddings=False)
+    # 6 layers: a pass that stops in layer 5 never touches the other 26 of Llama-3-8B
+    cfg = LlamaConfig(num_hidden_layers=6, max_position_embeddings=8192, rope_theta=500000.0,
+                      tie_word_embeddings=False, **shape)
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
     corpus = resolve_corpus("wiki-offline")
-    tokens = 32_768 if quick else 262_144
-    return _case(model, tok, [1, 2, 3, 4, 5], corpus, tokens=tokens, batch_tokens=16_384,
-                 repeats=3 if quick else 5, device=device, label="Llama-3-8B-shaped bf16 random (cuda)")
+    tokens = tokens or (32_768 if quick else 262_144)
+    name = "Llama-3-8B-shaped" if shape is LLAMA3_8B_SHAPE else "small Llama-shaped"
+    return _case(model, tok, [1, 2, 3, 4, 5], corpus, tokens=tokens, batch_tokens=batch_tokens,
+                 repeats=3 if quick else 5, device=device, label=f"{name} bf16 random ({device.type})")
 
 
 def run(quick: bool = False) -> list[Row]:
