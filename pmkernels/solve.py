@@ -581,7 +581,7 @@ def _keys_route(method, R, K, P, Pfac, le, fdtype, max_refine) -> DeltaResult:
     rn = float(R.norm())
     constraint, best, prev = math.inf, None, math.inf
     for it in range(3):
-        delta = (Z @ Y).mT
+        delta = Y.mT @ Z.mT  # [d_out, d], contiguous: BLAS takes the transposes for free
         res_mat = delta @ K - R  # the achieved residual, from Δ itself
         if le:
             res_mat = res_mat + le * Y.mT
