@@ -170,6 +170,14 @@ class Editor:
         return {layer: self._weight(layer).detach().clone() for layer in self.layers}
 
     # -------------------------------------------------------------- preparation (once)
+    def prepare(self) -> None:
+        """Pay the one-time costs now: context templates, C0 (cached on disk) and its factors.
+
+        ``edit`` does this itself on first use; calling it first separates that cost from the
+        edits' own time (benchmarks, the CLI).
+        """
+        self._prepare()
+
     def _prepare(self) -> None:
         """Templates and factors of C, computed from the weights before this Editor's first write.
 
