@@ -461,7 +461,7 @@ def pm_delta(
     """Δ [d_out, d] for ROME, MEMIT or EMMET from residuals R [d_out, E] and keys K [d, E].
 
     ``C`` is C0 [d, d] (the preservation matrix is then ``lam * C0``) or an ``SPDFactor`` of the
-    full preservation matrix, λ already applied (``lam`` is then ignored): factor once, pass the
+    full preservation matrix, λ already applied (``lam`` must then stay 1): factor once, pass the
     factor for every batch. ``lam_e`` is EMMET's λₑ (MEMIT is λₑ = 1, ROME λₑ = 0 with E = 1).
     ``precision="fp32"`` factors in fp32 and refines every solve with fp64 residuals (needs the
     matrix, so a factor must keep it). ``route``: "keys" (E×E system; needs C factored), "dual"
@@ -486,6 +486,10 @@ def pm_delta(
     if isinstance(C, SPDFactor):
         if C.n != d:
             raise ValueError(f"pm_delta: K has d={d} rows but the factor of C is {C.n}x{C.n}")
+        if lam != 1.0:
+            # A silently ignored λ would edit with the wrong preservation strength.
+            raise ValueError(f"pm_delta: lam={lam} given with an SPDFactor; the factor is of the full preservation "
+                             f"matrix (λ already applied): factor lam * C0 instead")
         device = C.device
     elif isinstance(C, torch.Tensor):
         _check_square("C", C)

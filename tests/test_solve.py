@@ -377,6 +377,8 @@ def test_fp32_refinement_needs_the_matrix():
         pm_delta("emmet", R, K, fac, precision="fp32")
     with pytest.raises(RuntimeError, match="not kept"):
         fac.matmul(K)
+    with pytest.raises(ValueError, match="lam=2.0 given with an SPDFactor"):
+        pm_delta("emmet", R, K, fac, lam=2.0)
     assert rel(fac.matrix(), C0) < 1e-14  # rebuilt from L Lᵀ instead
 
 
