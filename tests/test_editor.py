@@ -616,3 +616,23 @@ def test_cli_hparams_resolution(tmp_path):
         _hparams(p.parse_args(["--model", "some/model"]))
     with pytest.raises(SystemExit):
         p.parse_args(["--layers", "a,b"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_end_to_end(tmp_path, dtype):
+    """A 16-bit model: keys/values in its dtype, the solve in fp64, the write rounded once."""
+    tok = _char_tokenizer()
+    model = make_tiny_llama(vocab=128, hidden=64, intermediate=96, layers=4).to(dtype)
+    hp = EditHparams(layers=[1, 2], method="memit", steps=2, n_templates=1, template_length=3,
+                     mom2_tokens=1000, lam=10.0)
+    ed = Editor(model, tok, hparams=hp, cache_dir=tmp_path, progress=False)
+    before = _weights(ed)
+    reqs = [EditRequest(prompt="{} lives in", subject=f"P{i}", target_new=" Q", case_id=i) for i in range(8)]
+    report = ed.edit(reqs, batch_size=4)
+    for layer in (1, 2):
+        W = ed._weight(layer)
+        assert W.dtype == dtype and bool(torch.isfinite(W).all())
+        assert not torch.equal(W, before[layer])
+        assert all(b.update_norms[layer] > 0 for b in report.batches)
+    ed.restore()
+    _assert_same(_weights(ed), before)
