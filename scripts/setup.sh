@@ -11,6 +11,9 @@ PY=${PYTHON:-python3}
 if ! $PY -c "import torch" 2>/dev/null; then
   $PY -m pip install -q "${PMEDIT_TORCH_SPEC:-torch==2.13.0}"
 fi
+# --no-build-isolation below (so no isolated build env fetches a second torch) means the build
+# requirements must already be here; setuptools >= 70.1 carries bdist_wheel itself.
+$PY -m pip install -q "setuptools>=70.1" wheel
 extra=""
 [[ "${1:-}" == "--test" ]] && extra="[test]"
 $PY -m pip install -q --no-build-isolation -e ".${extra}"
