@@ -176,7 +176,7 @@ class EditHparams:
 
 # SmolLM2-135M (30 layers, d=1536 keys, 576 hidden): layer 4 and λ=100 from a small sweep on the
 # real model (the 6 example facts in one batch, 15 steps, 2 templates, C0 from 10k tokens;
-# benchmarks/results/editor.md): EMMET at layers 2/4/6/8 all wrote 6/6 edits that also hold
+# benchmarks/RESULTS.md, Editor): EMMET at layers 2/4/6/8 all wrote 6/6 edits that also hold
 # under a prefixed paraphrase, but layer 6 broke an unrelated neighbour ("capital of Spain") and
 # layer 4 had the smaller update of the two early layers; MEMIT at layer 4 wrote 6/6 with λ=100
 # and only 3/6 with λ=10⁴ (MEMIT's GPT-J weight, too strong a preservation for C0 from this

@@ -37,7 +37,7 @@ def _env_int(name: str, default: int) -> int:
 def _tiling(d: int) -> tuple[int, int]:
     """(block-row height, task width in columns; 0 = one MKL-threaded GEMM per block row).
 
-    Measured on 2 shared EPYC cores (benchmarks/results/covariance.md): 128-row blocks cut
+    Measured on 2 shared EPYC cores (benchmarks/RESULTS.md, covariance): 128-row blocks cut
     into tasks of max(512, d/2) columns, one single-threaded GEMM per task spread by OpenMP,
     beat MKL-threaded GEMMs per 256-row block by 10–20% (1.77× vs 1.54× the full product at
     d=2048, 1.60× vs 1.31× at d=1024).

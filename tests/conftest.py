@@ -75,6 +75,18 @@ def make_tiny_llama(
     return LlamaForCausalLM(cfg).eval()
 
 
+@pytest.fixture(scope="module")
+def one_intraop_thread():
+    """One torch intra-op thread while a module runs, restored afterwards. Results do not depend
+    on it; on an oversubscribed 2-core machine two OpenMP threads per process spin at barriers
+    and make the small GEMMs of these tests 10-100x slower. Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_intraop_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()

@@ -22,18 +22,7 @@ from pmedit.requests import EditRequest
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread while these tests run, restored after.
-
-    On the shared 2-core machine, two OpenMP threads that spin while other processes hold the
-    cores made these small-matrix workloads 3-30x slower (measured: compute_keys on 512 tiny
-    requests 19.5 s with 2 threads, 0.66 s with 1).
-    """
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 
 
 # --------------------------------------------------------------------------- synthetic set-up

@@ -11,15 +11,7 @@ import torch
 from conftest import make_tiny_llama
 from pmedit.experiments import ExperimentConfig, plan, run_experiment
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread while this module runs: on the shared 2-core machine, two OpenMP
-    threads per process spin against the other engineers' processes and make small forward
-    passes ~10x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 
 
 SUBJECTS = ["Alpha Romeo", "Bravo Town", "Charlie Hill", "Delta Lake", "Echo Park", "Foxtrot Bay"]

@@ -26,14 +26,9 @@ TEMPLATES = ["I like {{braces}}. {}"]
 
 
 @pytest.fixture(scope="module")
-def model_tok_spec(smollm2):
-    # One intra-op thread: these passes are small, and on a loaded shared machine two threads
-    # spin-waiting on each other make each op many times slower than one thread alone.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def model_tok_spec(smollm2, one_intraop_thread):
     model, tok = smollm2
-    yield model, tok, ModelSpec.from_model(model)
-    torch.set_num_threads(threads)
+    return model, tok, ModelSpec.from_model(model)
 
 
 @pytest.fixture(autouse=True)

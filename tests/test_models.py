@@ -12,14 +12,7 @@ from pmedit import models as M
 from pmedit.models import LayerIndexError, ModelSpec, load_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread while this module runs: on a shared, oversubscribed 2-core machine
-    two threads make small GEMMs ~100x slower (barrier spinning); results do not depend on it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 
 
 def _tiny(family: str):

@@ -21,14 +21,7 @@ from pmedit.hooks import run_until
 from pmedit.models import LayerIndexError, ModelSpec
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread while this module runs: on a shared, oversubscribed 2-core machine
-    two threads make small GEMMs ~100x slower (barrier spinning); results do not depend on it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 
 LAYERS = [0, 2]
 TOKENS = 600

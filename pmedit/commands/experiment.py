@@ -8,7 +8,6 @@ in the config's ``out_dir`` (default ``runs/NAME``).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -49,22 +48,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _load(args):
     from pmedit.experiments import ExperimentConfig
+    from pmedit.experiments.config import read_config_mapping
 
     p = args.config
-    if not p.is_file():
-        raise FileNotFoundError(f"experiment config {str(p)!r} does not exist")
-    text = p.read_text(encoding="utf-8")
-    try:
-        if p.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{p}: cannot parse: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{p}: expected a mapping of config fields")
+    data = read_config_mapping(p)
     name = data.setdefault("experiment", args.name)
     if name != args.name:
         raise ValueError(f"{p}: the config is for experiment {name!r}, not {args.name!r}")

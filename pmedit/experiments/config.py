@@ -121,23 +121,9 @@ class ExperimentConfig:
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> ExperimentConfig:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"experiment config {str(p)!r} does not exist")
-        text = p.read_text(encoding="utf-8")
-        try:
-            if p.suffix.lower() in (".yaml", ".yml"):
-                import yaml
-
-                data = yaml.safe_load(text)
-            else:
-                data = json.loads(text)
-        except Exception as e:  # noqa: BLE001 - both parsers' errors become one clear message
-            raise ValueError(f"{p}: cannot parse: {e}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{p}: expected a mapping of config fields, got {type(data).__name__}")
+        data = read_config_mapping(path)
         data.update({k: v for k, v in overrides.items() if v is not None})
-        return _build(cls, data, str(p))
+        return _build(cls, data, str(path))
 
     def edit_hparams(self, method: str, **changes: Any):
         from pmedit.hparams import EditHparams
@@ -170,3 +156,24 @@ def _build(cls, data: Any, source: str):
         return cls(**data)
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
+
+
+def read_config_mapping(path: str | Path) -> dict[str, Any]:
+    """The mapping in a .json/.yaml config file; a missing file, a parse error or a non-mapping
+    is one ValueError/FileNotFoundError naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"experiment config {str(p)!r} does not exist")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - both parsers' errors become one clear message
+        raise ValueError(f"{p}: cannot parse: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: expected a mapping of config fields, got {type(data).__name__}")
+    return data
