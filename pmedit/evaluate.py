@@ -158,6 +158,13 @@ def _set_rows(edits: RankOneEdits | None, rows: list[int]) -> None:
 # target scoring
 
 
+def default_score_batch(device: torch.device) -> int:
+    """Sequences per scoring pass: small on a CPU, where activations of a few dozen short
+    sequences stay in cache (measured on SmolLM2, 2 cores: 16 per pass ran 1.7x faster than
+    64), larger on a GPU, which needs the parallelism."""
+    return 16 if torch.device(device).type == "cpu" else 64
+
+
 @torch.no_grad()
 def score_targets(
     model: nn.Module,
@@ -166,14 +173,21 @@ def score_targets(
     *,
     edits: RankOneEdits | None = None,
     row_edits: Sequence[int] | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
+    pack: bool | None = None,
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean per-token NLL of each target after its prompt, and whether every target token is
     the argmax (teacher forcing).
 
-    ``pairs``: (prompt ids, target ids). Rows are sorted by length before batching so padding
-    stays small; ``row_edits[i]`` is the edit pair i sees through ``edits`` (−1 for none).
+    ``pairs``: (prompt ids, target ids); ``row_edits[i]`` is the edit pair i sees through
+    ``edits`` (−1 for none). ``batch_size`` is sequences per forward pass (default: see
+    :func:`default_score_batch`). With ``pack`` (default: when the attention implementation takes
+    arbitrary 4D masks, i.e. sdpa or eager), pairs that share a prompt and an edit are scored
+    in one sequence: the prompt once, then each target, every target attending to the prompt
+    and to itself only, its positions restarting where the prompt ends. CounterFact scores
+    each prompt against two targets, so this computes about 40% fewer tokens for the same
+    numbers. Sequences are sorted by length before batching so padding stays small.
     Returns (nll float64 [N], correct bool [N]) in the order of ``pairs``.
     """
     n = len(pairs)
@@ -182,45 +196,76 @@ def score_targets(
     for i, (p, t) in enumerate(pairs):
         if len(p) == 0 or len(t) == 0:
             raise ValueError(f"pair {i}: empty prompt or target ids")
+    device = next(model.parameters()).device
+    if batch_size is None:
+        batch_size = default_score_batch(device)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = next(model.parameters()).device
+    if pack is None:
+        pack = getattr(model.config, "_attn_implementation", None) in ("sdpa", "eager")
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     decoder = model.get_decoder()
     head = model.get_output_embeddings()
-    nll = torch.empty(n, dtype=torch.float64)
-    correct = torch.empty(n, dtype=torch.bool)
-    order = sorted(range(n), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
-    starts = range(0, n, batch_size)
-    for s in tqdm(starts, desc="scoring", disable=not progress, leave=False):
-        idx = order[s : s + batch_size]
-        seqs = [list(pairs[i][0]) + list(pairs[i][1]) for i in idx]
-        width = max(len(q) for q in seqs)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        rows, cols, tgts, seg = [], [], [], []
-        for r, (i, q) in enumerate(zip(idx, seqs)):
-            ids[r, : len(q)] = torch.tensor(q)
-            mask[r, : len(q)] = 1
-            p, t = len(pairs[i][0]), len(pairs[i][1])
-            rows += [r] * t
-            cols += range(p - 1, p + t - 1)  # the logits at position j predict token j+1
-            tgts += list(pairs[i][1])
-            seg += [r] * t
-        _set_rows(edits, [row_edits[i] for i in idx] if edits is not None else [])
-        hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
+
+    groups: dict[tuple, list[int]] = {}
+    for i, (p, _) in enumerate(pairs):
+        key = (tuple(p), row_edits[i] if edits is not None else -1) if pack else (i,)
+        groups.setdefault(key, []).append(i)
+    seqs = list(groups.values())
+
+    def seq_len(g: list[int]) -> int:
+        return len(pairs[g[0]][0]) + sum(len(pairs[i][1]) for i in g)
+
+    order = sorted(range(len(seqs)), key=lambda j: -seq_len(seqs[j]))
+    nll_sum = torch.zeros(n, dtype=torch.float64)
+    n_tok = torch.zeros(n, dtype=torch.float64)
+    wrong = torch.zeros(n, dtype=torch.long)
+    for s in tqdm(range(0, len(seqs), batch_size), desc="scoring", disable=not progress, leave=False):
+        chunk = [seqs[j] for j in order[s : s + batch_size]]
+        width = max(seq_len(g) for g in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        pos = torch.zeros((len(chunk), width), dtype=torch.long)
+        seg = torch.full((len(chunk), width), -1, dtype=torch.long)  # -1 padding, 0 prompt, j+1 target j
+        rows, cols, tgts, owner = [], [], [], []
+        for r, g in enumerate(chunk):
+            prompt = list(pairs[g[0]][0])
+            plen = len(prompt)
+            ids[r, :plen] = torch.tensor(prompt)
+            pos[r, :plen] = torch.arange(plen)
+            seg[r, :plen] = 0
+            o = plen
+            for j, i in enumerate(g):
+                t = list(pairs[i][1])
+                ids[r, o : o + len(t)] = torch.tensor(t)
+                pos[r, o : o + len(t)] = torch.arange(plen, plen + len(t))
+                seg[r, o : o + len(t)] = j + 1
+                rows += [r] * len(t)
+                # the logits at a position predict the next token of its own segment
+                cols += [plen - 1, *range(o, o + len(t) - 1)]
+                tgts += t
+                owner += [i] * len(t)
+                o += len(t)
+        _set_rows(edits, [row_edits[g[0]] for g in chunk] if edits is not None else [])
+        if pack:
+            ar = torch.arange(width)
+            sq, sk = seg[:, :, None], seg[:, None, :]
+            allowed = (ar[None, :] <= ar[:, None]) & (sk >= 0) & ((sk == 0) | (sk == sq))
+            allowed |= torch.eye(width, dtype=torch.bool) & (sq < 0)  # padding sees itself: no empty softmax row
+            # additive form: eager attention adds a custom 4D mask to the scores, sdpa takes either
+            dt = next(decoder.parameters()).dtype
+            additive = torch.zeros(allowed.shape, dtype=dt).masked_fill_(~allowed, torch.finfo(dt).min)
+            kwargs = dict(attention_mask=additive[:, None].to(device), position_ids=pos.to(device))
+        else:
+            kwargs = dict(attention_mask=(seg >= 0).long().to(device))
+        hidden = decoder(input_ids=ids.to(device), use_cache=False, **kwargs).last_hidden_state
         logits = head(hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]).float()
         logp = torch.log_softmax(logits, dim=-1)
         tg = torch.tensor(tgts, device=device)
-        tok_nll = -logp.gather(1, tg[:, None])[:, 0].double().cpu()
-        tok_ok = (logits.argmax(-1) == tg).cpu()
-        seg_t = torch.tensor(seg)
-        lens = torch.bincount(seg_t, minlength=len(idx)).double()
-        sums = torch.zeros(len(idx), dtype=torch.float64).index_add_(0, seg_t, tok_nll)
-        wrong = torch.zeros(len(idx), dtype=torch.long).index_add_(0, seg_t, (~tok_ok).long())
-        nll[idx] = sums / lens
-        correct[idx] = wrong == 0
-    return nll, correct
+        own = torch.tensor(owner)
+        nll_sum.index_add_(0, own, -logp.gather(1, tg[:, None])[:, 0].double().cpu())
+        n_tok.index_add_(0, own, torch.ones(len(owner), dtype=torch.float64))
+        wrong.index_add_(0, own, (logits.argmax(-1) != tg).long().cpu())
+    return nll_sum / n_tok, wrong == 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -310,7 +355,7 @@ def evaluate_counterfact(
     records: Sequence,
     *,
     edits: RankOneEdits | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     generation_accuracy: bool = False,
     entropy: bool = False,
     max_gen_prompts: int | None = None,

@@ -42,17 +42,23 @@ def _ref_nll(model, prompt, target):
     return tok_nll.mean().item(), ok
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("pack", [True, False])
 @pytest.mark.parametrize("batch_size", [1, 3, 64])
-def test_score_targets_matches_per_pair_forward(batch_size):
-    model = make_tiny_llama(vocab=50, seed=1)
+def test_score_targets_matches_per_pair_forward(batch_size, pack, attn):
+    model = make_tiny_llama(vocab=50, seed=1, attn_implementation=attn)
     g = torch.Generator().manual_seed(0)
     pairs = []
     for plen, tlen in [(1, 1), (5, 3), (9, 1), (2, 4), (7, 2), (3, 3), (11, 5)]:
         pairs.append((torch.randint(1, 50, (plen,), generator=g).tolist(), torch.randint(1, 50, (tlen,), generator=g).tolist()))
+    # prompts scored against several targets (as CounterFact does), which packing shares
+    for j in (1, 1, 4, 6):
+        pairs.append((pairs[j][0], torch.randint(1, 50, (1 + j % 3,), generator=g).tolist()))
+    pairs.append((pairs[3][0], pairs[3][1]))  # the very same pair twice
     with torch.no_grad():
-        nll, ok = score_targets(model, _PadTok(), pairs, batch_size=batch_size)
+        nll, ok = score_targets(model, _PadTok(), pairs, batch_size=batch_size, pack=pack)
         ref = [_ref_nll(model, p, t) for p, t in pairs]
-    # fp32 forward in both; padding and batch composition only change summation order (~1e-6)
+    # fp32 forward in both; padding, packing and batch composition only change summation order (~1e-6)
     torch.testing.assert_close(nll, torch.tensor([r[0] for r in ref], dtype=torch.float64), atol=1e-5, rtol=1e-5)
     assert ok.tolist() == [r[1] for r in ref]
 

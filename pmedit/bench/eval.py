@@ -4,7 +4,8 @@ a time, and singular-edit evaluation through per-row hooks against copying weigh
 "one prompt at a time" is the naive evaluation loop: one full-model forward per
 (prompt, target) pair, full logits, NLL from them. "batched" is
 :func:`pmedit.evaluate.evaluate_counterfact`: all pairs of all records in padded batches, one
-forward each, the output embedding only at target positions. Both produce the same NLLs (the
+forward each, each prompt packed once with both of its targets, the output embedding only at
+target positions. Both produce the same NLLs (the
 bench checks it) on the original-layout CounterFact records (1 rewrite + 2 paraphrase + 10
 neighbourhood prompts, two targets each: 26 sequences per record).
 """
@@ -69,7 +70,7 @@ def run(quick: bool = False) -> list[Row]:
         "eval", case,
         {
             "one prompt at a time": lambda: _naive_scores(model, tok, records),
-            "batched": lambda: evaluate_counterfact(model, tok, records, progress=False, batch_size=64),
+            "batched": lambda: evaluate_counterfact(model, tok, records, progress=False),
         },
         reference="one prompt at a time", work=n, unit="records", repeats=repeats, warmup=1,
     )

@@ -20,7 +20,7 @@ METHODS = ("rome", "memit", "emmet")
 class EvalSettings:
     """What is measured after editing (ES/PS/NS always)."""
 
-    batch_size: int = 64  # sequences per forward pass when scoring
+    batch_size: int | None = None  # sequences per scoring pass (None: 16 on CPU, 64 on GPU)
     generation_accuracy: bool = False
     entropy: bool = False  # GE: sampled texts from the generation prompts
     max_gen_prompts: int = 2  # generation prompts per record used for GE (original has 10)
