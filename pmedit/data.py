@@ -164,13 +164,15 @@ def _tname(typ) -> str:
     return " or ".join(t.__name__ for t in typ) if isinstance(typ, tuple) else typ.__name__
 
 
-def _read_json_records(path: str | os.PathLike) -> tuple[Path, list]:
-    """A JSON list, or JSON lines (one object per line) for files ending in .jsonl."""
+def read_json_records(path: str | os.PathLike, *, allow_single: bool = False) -> list:
+    """The records of a JSON list, or of JSON lines (one object per line) for files ending in
+    .jsonl; with ``allow_single`` a .json file holding one object is a list of one. Errors name
+    the file and, for JSON lines, the line."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no such file")
     try:
-        if p.suffix == ".jsonl":
+        if p.suffix.lower() == ".jsonl":
             data = []
             with open(p, encoding="utf-8") as f:
                 for ln, line in enumerate(f, 1):
@@ -178,15 +180,17 @@ def _read_json_records(path: str | os.PathLike) -> tuple[Path, list]:
                         try:
                             data.append(json.loads(line))
                         except json.JSONDecodeError as e:
-                            raise ValueError(f"{p}: line {ln}: invalid JSON: {e.msg}") from None
+                            raise ValueError(f"{p}, line {ln}: invalid JSON: {e.msg}") from None
         else:
             with open(p, encoding="utf-8") as f:
                 data = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{p}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if allow_single and isinstance(data, dict):
+        data = [data]
     if not isinstance(data, list):
         raise ValueError(f"{p}: expected a JSON list of records, got {type(data).__name__}")
-    return p, data
+    return data
 
 
 def _original_record(c: _Checker, rec: dict) -> CounterFactRecord:
@@ -249,7 +253,7 @@ def load_counterfact(path: str | os.PathLike, *, limit: int | None = None) -> li
     ``limit`` keeps the first records, after validating the whole file (a truncated view of a
     broken file should not look healthy).
     """
-    p, data = _read_json_records(path)
+    p, data = Path(path), read_json_records(path)
     out: list[CounterFactRecord] = []
     seen: dict[int, int] = {}
     for i, rec in enumerate(data):
@@ -267,7 +271,7 @@ def load_counterfact(path: str | os.PathLike, *, limit: int | None = None) -> li
 def load_zsre(path: str | os.PathLike, *, limit: int | None = None) -> list[ZsreRecord]:
     """Read zsRE questions in the MEND layout; ``case_id`` is the record's index in the file
     (the layout has none)."""
-    p, data = _read_json_records(path)
+    p, data = Path(path), read_json_records(path)
     out: list[ZsreRecord] = []
     for i, rec in enumerate(data):
         c = _Checker(p, i, rec)

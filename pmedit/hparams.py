@@ -102,12 +102,7 @@ class EditHparams:
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "hyperparameters") -> EditHparams:
         """Build from a mapping, refusing keys that are not fields (a typo is an error)."""
-        if not isinstance(data, dict):
-            raise ValueError(f"{source}: expected a mapping of field names, got {type(data).__name__}")
-        valid = [f.name for f in fields(cls)]
-        unknown = sorted(k for k in data if k not in valid)
-        if unknown:
-            raise ValueError(f"{source}: unknown key(s) {unknown}; valid keys are: {', '.join(valid)}")
+        check_mapping_keys(cls, data, source)
         if "layers" not in data:
             raise ValueError(f"{source}: missing required key 'layers'")
         return cls(**data)
@@ -211,6 +206,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "key_batch_size": 16,
     },
 }
+
+
+def check_mapping_keys(cls, data: Any, source: str) -> None:
+    """A mapping whose keys are all fields of the dataclass ``cls``: a misspelt key is an error
+    naming it and the valid ones, never a silent fall-back to a default."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a mapping of field names, got {type(data).__name__}")
+    valid = [f.name for f in fields(cls)]
+    unknown = sorted(k for k in data if k not in valid)
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {unknown}; valid keys are: {', '.join(valid)}")
 
 
 def _is_yaml(path: Path) -> bool:

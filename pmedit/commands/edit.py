@@ -8,7 +8,6 @@ of the edited layers (cached under PMEDIT_CACHE); later runs reuse them.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -53,24 +52,12 @@ def _int_list(text: str) -> list[int]:
 
 def read_requests(path: Path) -> list:
     """Requests from .json / .jsonl, validated; errors name the file, and the line for JSONL."""
+    from pmedit.data import read_json_records
     from pmedit.requests import normalize_requests
 
     if not path.is_file():
         raise ValueError(f"requests file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".jsonl":
-        items = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    items.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, line {n}: not valid JSON: {e}") from None
-    else:
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON: {e}") from None
+    items = read_json_records(path, allow_single=True)
     try:
         return normalize_requests(items)
     except ValueError as e:

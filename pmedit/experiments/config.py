@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from pmedit.hparams import check_mapping_keys
+
 EXPERIMENTS = ("layer-sweep", "batch", "sequential-batch", "lambda-sweep")
 METHODS = ("rome", "memit", "emmet")
 
@@ -142,12 +144,7 @@ def _is_int(x) -> bool:
 
 
 def _build(cls, data: Any, source: str):
-    if not isinstance(data, dict):
-        raise ValueError(f"{source}: expected a mapping, got {type(data).__name__}")
-    valid = [f.name for f in fields(cls)]
-    unknown = sorted(k for k in data if k not in valid)
-    if unknown:
-        raise ValueError(f"{source}: unknown key(s) {unknown}; valid keys are: {', '.join(valid)}")
+    check_mapping_keys(cls, data, source)
     required = [f.name for f in fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     missing = [k for k in required if k not in data]
     if missing:
