@@ -13,12 +13,13 @@ This module only reads and validates; it does not tokenize, sample or cache.
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pmedit.fileio import read_json_records  # noqa: F401 - re-exported: the loaders' reader
 
 __all__ = ["CounterFactRecord", "ZsreRecord", "load_counterfact", "load_zsre", "fill"]
 
@@ -162,35 +163,6 @@ class _Checker:
 
 def _tname(typ) -> str:
     return " or ".join(t.__name__ for t in typ) if isinstance(typ, tuple) else typ.__name__
-
-
-def read_json_records(path: str | os.PathLike, *, allow_single: bool = False) -> list:
-    """The records of a JSON list, or of JSON lines (one object per line) for files ending in
-    .jsonl; with ``allow_single`` a .json file holding one object is a list of one. Errors name
-    the file and, for JSON lines, the line."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: no such file")
-    try:
-        if p.suffix.lower() == ".jsonl":
-            data = []
-            with open(p, encoding="utf-8") as f:
-                for ln, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            data.append(json.loads(line))
-                        except json.JSONDecodeError as e:
-                            raise ValueError(f"{p}, line {ln}: invalid JSON: {e.msg}") from None
-        else:
-            with open(p, encoding="utf-8") as f:
-                data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    if allow_single and isinstance(data, dict):
-        data = [data]
-    if not isinstance(data, list):
-        raise ValueError(f"{p}: expected a JSON list of records, got {type(data).__name__}")
-    return data
 
 
 def _original_record(c: _Checker, rec: dict) -> CounterFactRecord:

@@ -15,10 +15,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from pmedit.fileio import atomic_write_text
 
 METHODS = ("rome", "memit", "emmet")
 PRECISIONS = ("fp64", "fp32")
@@ -143,14 +144,7 @@ class EditHparams:
         """Write JSON or YAML (by extension) through a temp file so a crash never leaves half a file."""
         path = Path(path)
         text = self.to_yaml() if _is_yaml(path) else self.to_json() + "\n"
-        fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(path, text)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> EditHparams:

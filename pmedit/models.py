@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pmedit.fileio import remove_stale_temps
 from pmedit.package_data import package_data_file
 
 log = logging.getLogger(__name__)
@@ -242,7 +243,8 @@ def _build_cache(gguf: Path, cached: Path, source: dict) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cached.name}.", dir=cached.parent))
+    remove_stale_temps(cached)  # a conversion killed by SIGKILL leaves a model-sized directory
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cached.name}.{os.getpid()}.", suffix=".tmp", dir=cached.parent))
     tmp.chmod(0o755)
     try:
         _save_plain(model, tmp)

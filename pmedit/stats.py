@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import json
 import logging
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Iterable
@@ -42,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pmedit.fileio import atomic_path, load_verified, remove_stale_temps, save_verified
 from pmedit.corpus import Corpus, resolve_corpus
 from pmedit.hooks import Trace
 from pmedit.models import ModelSpec, cache_root
@@ -202,73 +201,18 @@ def _input_device(model: nn.Module) -> torch.device:
     return next(p.device for p in model.parameters() if p.device.type != "meta")
 
 
-def _tensor_digest(tensors: dict[str, torch.Tensor], meta: dict) -> str:
-    h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
-    for k in sorted(tensors):
-        t = tensors[k].contiguous()
-        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> None:
     """Write a safetensors file with ``meta`` (+ checksum) under a temp name, then rename."""
-    from safetensors.torch import save_file
-
-    meta = dict(meta)
-    meta["checksum"] = _tensor_digest(tensors, meta)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"pmedit": json.dumps(meta)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _remove_stale_temps(path: Path) -> None:
-    """Delete temp files that a killed writer of ``path`` left behind (its pid is gone).
-
-    They can be large (an fp64 [d, d] sum per layer: 1.6 GB at d = 14336), and a writer that is
-    still alive owns its file, so only dead writers' files go.
-    """
-    if not path.parent.is_dir():
-        return
-    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            log.debug("removing stale temp file %s", tmp)
-            tmp.unlink(missing_ok=True)
-        except PermissionError:  # alive, owned by someone else
-            pass
+    save_verified(path, tensors, meta)
 
 
 def _verified_load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, meta) of a file written by _atomic_save; ValueError when it does not verify."""
-    from safetensors import safe_open
-
+    """(tensors, meta) of a file written by _atomic_save; ValueError (without the path: callers
+    add it with their context) when it does not verify."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            raw_meta = (f.metadata() or {}).get("pmedit")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for truncated/garbled files
-        raise ValueError(f"unreadable ({type(e).__name__}: {e})") from None
-    if raw_meta is None:
-        raise ValueError("no pmedit metadata")
-    try:
-        meta = json.loads(raw_meta)
-    except ValueError:
-        raise ValueError("metadata is not JSON") from None
-    want = meta.pop("checksum", None)
-    if want is None or _tensor_digest(tensors, meta) != want:
-        raise ValueError("checksum mismatch")
-    return tensors, meta
+        return load_verified(path, what="statistics file")
+    except ValueError as e:
+        raise ValueError(str(e).removeprefix(f"{path}: ")) from None
 
 
 def _rebase(sm) -> dict[str, torch.Tensor]:
@@ -326,7 +270,7 @@ def collect_second_moments(
     start, tokens_done = 0, 0
     ckpt_path = Path(checkpoint) if checkpoint is not None else None
     if ckpt_path is not None:
-        _remove_stale_temps(ckpt_path)
+        remove_stale_temps(ckpt_path)
     if ckpt_path is not None and ckpt_path.exists():
         start, tokens_done = _resume(ckpt_path, ckpt_meta, sms, plan)
 
@@ -565,18 +509,11 @@ def import_npz(path: str | os.PathLike, *, dim: int | None = None) -> LayerStats
 
 def export_npz(stats: LayerStats, path: str | os.PathLike) -> None:
     """Write ``stats`` in the MEMIT/EasyEdit layout (fp64 sum), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.npz", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".npz") as tmp:
         np.savez(tmp, **{"mom2.mom2": stats.sum.cpu().numpy(), "mom2.count": np.int64(stats.count),
                          "mom2.constructor": np.str_("util.runningstats.SecondMoment()"),
                          "constructor": np.str_("util.runningstats.CombinedStat()")})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
 
 
 def import_npz_to_cache(model: nn.Module, tokenizer, layer: int, npz_path: str | os.PathLike, *,

@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 import time
 
 from pmedit.bench import sections
-from pmedit.bench.harness import format_table, machine_info
+from pmedit.bench.harness import format_table
+from pmedit.fileio import atomic_write_json, machine_info
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,11 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         all_rows.extend(rows)
         results["sections"][name] = [r.to_dict() for r in rows]
     if args.json:
-        d = os.path.dirname(os.path.abspath(args.json))
-        os.makedirs(d, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=d, delete=False, suffix=".tmp") as f:
-            json.dump(results, f, indent=2)
-        os.replace(f.name, args.json)
+        atomic_write_json(args.json, results, indent=2)
         print(f"\nwrote {args.json}")
     return 0
 

@@ -7,9 +7,6 @@ reference-median / candidate-median from the same rounds.
 """
 from __future__ import annotations
 
-import datetime as _dt
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -135,38 +132,6 @@ def compare(
             )
         )
     return rows
-
-
-def machine_info() -> dict:
-    info = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cpu_model": _cpu_model(),
-        "cuda": None,
-    }
-    if torch.cuda.is_available():
-        info["cuda"] = {
-            "device": torch.cuda.get_device_name(),
-            "capability": list(torch.cuda.get_device_capability()),
-            "cuda_version": torch.version.cuda,
-        }
-    return info
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _fmt_time(s: float) -> str:

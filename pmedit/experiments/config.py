@@ -7,11 +7,11 @@ with a different config is refused, because the results already there would not 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from pmedit.fileio import read_mapping
 from pmedit.hparams import check_mapping_keys
 
 EXPERIMENTS = ("layer-sweep", "batch", "sequential-batch", "lambda-sweep")
@@ -158,19 +158,4 @@ def _build(cls, data: Any, source: str):
 def read_config_mapping(path: str | Path) -> dict[str, Any]:
     """The mapping in a .json/.yaml config file; a missing file, a parse error or a non-mapping
     is one ValueError/FileNotFoundError naming the file."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"experiment config {str(p)!r} does not exist")
-    text = p.read_text(encoding="utf-8")
-    try:
-        if p.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as e:  # noqa: BLE001 - both parsers' errors become one clear message
-        raise ValueError(f"{p}: cannot parse: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{p}: expected a mapping of config fields, got {type(data).__name__}")
-    return data
+    return read_mapping(path, what="experiment config")

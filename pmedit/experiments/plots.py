@@ -6,8 +6,9 @@ varies: layer, batch size (log scale) or λ.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from pmedit.fileio import atomic_path
 
 METRICS = [("es", "ES"), ("ps", "PS"), ("ns", "NS"), ("score", "S"), ("ppl", "perplexity"), ("ge", "GE")]
 XAXIS = {"layer-sweep": ("layer", "edited layer"), "batch": ("batch_size", "batch size"),
@@ -46,9 +47,9 @@ def plot_rows(cfg, rows: list[dict], path: str | Path) -> Path:
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"{cfg.experiment}: {cfg.total_edits} CounterFact edits, seed {cfg.seed}", fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=80)
+    finally:
+        plt.close(fig)
     return path

@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from pmedit.data import load_counterfact, select
 from pmedit.evaluate import RankOneEdits, evaluate_counterfact, load_heldout_text, perplexity, rank_one_factors
 from pmedit.experiments.config import ExperimentConfig
-from pmedit.experiments.store import RunStore, atomic_write_json, write_csv
+from pmedit.experiments.store import RunStore, write_csv
+from pmedit.fileio import atomic_write_json, machine_info
 from pmedit.metrics import RecordScores, summarize
 
 log = logging.getLogger(__name__)
@@ -336,7 +337,6 @@ def run_experiment(
 
 
 def _write_results(cfg: ExperimentConfig, root: Path, rows: list[dict], plot: bool) -> dict:
-    from pmedit.bench.harness import machine_info
 
     atomic_write_json(root / "results.json", {"config": cfg.to_dict(), "machine": machine_info(), "rows": rows})
     write_csv(root / "results.csv", rows)
