@@ -12,7 +12,16 @@ case_id) and the field, instead of as a shape mismatch deep inside value optimis
 The prompt is stored as a template with exactly one ``{}`` where the subject goes; every
 other character is literal (``"{}"`` is located by search, never by ``str.format``, so braces
 elsewhere in a prompt or in a subject are harmless). A prompt given with the subject already
-filled in becomes a template by replacing the subject's first occurrence.
+filled in becomes a template by replacing the subject's first occurrence; when the subject
+itself contains ``{}``, a prompt that contains the subject is always read as filled in.
+
+Rules checked here, before any model work: text must be valid Unicode (no lone surrogates,
+which JSON allows and tokenizers reject), a subject is at most :data:`MAX_SUBJECT_CHARS`
+characters and a filled prompt at most :data:`MAX_PROMPT_CHARS`, and one call may not ask for
+two different targets for the same prompt and subject (neither could land: both edits share
+one key). Exact repeats are allowed. :func:`drop_conflicts` keeps the first request of each
+prompt and subject (and drops the conflicting ones), for data sets that hold conflicting
+rewrites (CounterFact does).
 
 Not here: tokenization (:mod:`pmedit.tokens`) and the loading of data files
 (:mod:`pmedit.data`).
@@ -24,6 +33,10 @@ from dataclasses import dataclass
 from typing import Any
 
 PLACEHOLDER = "{}"
+# Entity names in CounterFact/zsRE are under 100 characters. The bounds only stop inputs that
+# would run for minutes per optimisation step (a 3,000-word "subject") without any warning.
+MAX_SUBJECT_CHARS = 1000
+MAX_PROMPT_CHARS = 4000
 
 
 @dataclass(frozen=True)
@@ -86,6 +99,13 @@ def _validate(prompt, subject, target_new, target_true, case_id, *, where: str) 
         raise ValueError(
             f"{where}: field 'target_true': expected a string or None, got {type(target_true).__name__} {target_true!r}"
         )
+    for name, value in (("prompt", prompt), ("subject", subject), ("target_new", target_new),
+                        ("target_true", target_true)):
+        if value is not None:
+            _check_unicode(value, name, where)
+    if len(subject) > MAX_SUBJECT_CHARS:
+        raise ValueError(f"{where}: field 'subject': {len(subject)} characters ({subject[:40]!r}...); "
+                         f"subjects are entity names, at most {MAX_SUBJECT_CHARS} characters")
     if not subject.strip():
         raise ValueError(f"{where}: field 'subject': empty subject")
     if not target_new.strip():
@@ -96,6 +116,13 @@ def _validate(prompt, subject, target_new, target_true, case_id, *, where: str) 
         raise ValueError(
             f"{where}: field 'target_new': {target_new!r} equals target_true; the edit would change nothing"
         )
+    if PLACEHOLDER in subject and subject in prompt:
+        # The subject's own "{}" is not the slot: the prompt is filled in. (Had it been a
+        # template, the subject could not occur in it.)
+        prompt = prompt.replace(subject, PLACEHOLDER, 1)
+        if prompt.count(PLACEHOLDER) != 1:
+            raise ValueError(f"{where}: field 'prompt': has '{{}}' besides the subject {subject!r}; "
+                             "with a subject containing '{}' the prompt must be filled in and have no other '{}'")
     n = prompt.count(PLACEHOLDER)
     if n > 1:
         raise ValueError(f"{where}: field 'prompt': {prompt!r} has {n} '{{}}' placeholders; exactly one is allowed")
@@ -109,7 +136,21 @@ def _validate(prompt, subject, target_new, target_true, case_id, *, where: str) 
     head, tail = prompt.split(PLACEHOLDER, 1)
     if not (head + tail).strip():
         raise ValueError(f"{where}: field 'prompt': {prompt!r} has no text besides the subject")
+    if len(head) + len(subject) + len(tail) > MAX_PROMPT_CHARS:
+        raise ValueError(f"{where}: field 'prompt': {len(head) + len(subject) + len(tail)} characters with the "
+                         f"subject filled in; at most {MAX_PROMPT_CHARS}")
     return prompt
+
+
+def _check_unicode(value: str, name: str, where: str) -> None:
+    """Lone surrogates (``"\\ud800"`` in JSON) are valid Python strings but not Unicode text."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{where}: field {name!r}: not valid Unicode text (character {e.start}: {value[e.start]!r}, "
+            f"a lone surrogate) in {value[max(0, e.start - 20):e.start + 20]!r}"
+        ) from None
 
 
 def _str_field(value: Any) -> Any:
@@ -142,13 +183,30 @@ def _from_mapping(item: Mapping, where: str) -> dict:
     }
 
 
-def normalize_requests(items: Iterable[EditRequest | Mapping] | EditRequest | Mapping) -> list[EditRequest]:
+def _record_fields(item: Any) -> Mapping | None:
+    """A loader's record (:class:`pmedit.data.CounterFactRecord`, :class:`pmedit.data.ZsreRecord`,
+    anything with ``as_memit_dict()``) as its MEMIT dict; None for other objects."""
+    as_dict = getattr(type(item), "as_memit_dict", None)
+    if not callable(as_dict):
+        return None
+    d = item.as_memit_dict()
+    return d if isinstance(d, Mapping) else None
+
+
+def normalize_requests(items: Iterable[Any] | EditRequest | Mapping) -> list[EditRequest]:
     """Turn every accepted layout into validated :class:`EditRequest` objects, in order.
 
-    A single request (object or dict) is accepted as a list of one. Raises one ``ValueError``
-    naming the first bad request by index and case_id and the offending field.
+    Accepted: :class:`EditRequest`, MEMIT/CounterFact dicts (both layouts), and the records
+    :mod:`pmedit.data` loads (``CounterFactRecord``, ``ZsreRecord``). A single request is
+    accepted as a list of one. Raises one ``ValueError`` naming the first bad request by index
+    and case_id and the offending field; two requests for the same prompt and subject with
+    different targets are an error naming both (:func:`drop_conflicts` keeps the first instead).
     """
-    if isinstance(items, (EditRequest, Mapping)):
+    return _conflicts(_normalize(items), error=True)[0]
+
+
+def _normalize(items: Iterable[Any] | EditRequest | Mapping) -> list[EditRequest]:
+    if isinstance(items, (EditRequest, Mapping)) or _record_fields(items) is not None:
         items = [items]
     if isinstance(items, (str, bytes)):
         raise ValueError("requests: expected a list of requests, got a string")
@@ -163,11 +221,46 @@ def normalize_requests(items: Iterable[EditRequest | Mapping] | EditRequest | Ma
             }
         elif isinstance(item, Mapping):
             fields = _from_mapping(item, _where(i, item.get("case_id")))
+        elif (record := _record_fields(item)) is not None:
+            fields = _from_mapping(record, _where(i, record.get("case_id")))
         else:
             raise ValueError(
-                f"request {i}: expected an EditRequest or a dict, got {type(item).__name__} {item!r:.80}"
+                f"request {i}: expected an EditRequest, a dict or a pmedit.data record, "
+                f"got {type(item).__name__} {item!r:.80}"
             )
         where = _where(i, fields["case_id"])
         fields["prompt"] = _validate(**fields, where=where)
         out.append(EditRequest(**fields))
     return out
+
+
+def drop_conflicts(items: Iterable[Any]) -> tuple[list[EditRequest], list[int]]:
+    """``(requests, dropped_indices)``: the requests in order, without those that ask another
+    target than an earlier request for the same prompt and subject.
+
+    For data sets with conflicting rewrites (CounterFact: 62 prompts with two targets among the
+    10,000 records of easyedit_counterfact-edit.json); MEMIT's "multi-counterfact" drops them too.
+    """
+    return _conflicts(_normalize(items), error=False)
+
+
+def _conflicts(reqs: list[EditRequest], *, error: bool) -> tuple[list[EditRequest], list[int]]:
+    first: dict[tuple[str, str], int] = {}
+    kept: list[EditRequest] = []
+    dropped: list[int] = []
+    for i, r in enumerate(reqs):
+        j = first.setdefault((r.prompt, r.subject), i)
+        if j == i:
+            kept.append(r)
+        elif reqs[j].target_new.strip() == r.target_new.strip():
+            kept.append(r)  # an exact repeat: the same constraint twice
+        elif error:
+            raise ValueError(
+                f"{_where(i, r.case_id)}: field 'target_new': {r.target_new!r} conflicts with "
+                f"{_where(j, reqs[j].case_id)}, which asks {reqs[j].target_new!r} for the same prompt and subject "
+                f"{r.filled_prompt!r}; both edits share one key, so neither would land (keep one; "
+                "pmedit.requests.drop_conflicts keeps the first)"
+            )
+        else:
+            dropped.append(i)
+    return kept, dropped

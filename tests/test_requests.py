@@ -5,8 +5,9 @@ import copy
 import json
 
 import pytest
+import torch
 
-from pmedit.requests import EditRequest, normalize_requests
+from pmedit.requests import EditRequest, drop_conflicts, normalize_requests
 from pmedit.tokens import (
     encode_kl_prompt,
     encode_prompt,
@@ -112,7 +113,7 @@ def test_validation_names_request_and_field(change, field, words):
 def test_validation_other_inputs():
     with pytest.raises(ValueError, match=r"request 1 \(case_id=None\): field 'subject': missing"):
         normalize_requests([GOOD, {"prompt": "{} is", "target_new": "x"}])
-    with pytest.raises(ValueError, match=r"request 0: expected an EditRequest or a dict, got str"):
+    with pytest.raises(ValueError, match=r"request 0: expected an EditRequest, a dict or a pmedit.data record, got str"):
         normalize_requests(["The mother tongue"])
     with pytest.raises(ValueError, match="got a string"):
         normalize_requests("The mother tongue")
@@ -285,3 +286,114 @@ def test_kl_prompt_and_templates(tok):
     e = encode_rewrite(tok, DARRIEUX, "I think {{so}}. {}")
     assert tok.decode(e.ids) == "I think {so}. The mother tongue of Danielle Darrieux is"
     assert tok.convert_ids_to_tokens(e.ids[e.subject_last]) == "ux"
+
+
+# ----------------------------------------------------------------------------------------
+# issue 14: hostile inputs (items 4, 5, 10, 11, 12)
+
+
+def test_conflicting_targets_for_one_prompt_are_rejected_naming_both():
+    a = {"prompt": "{} is located in", "subject": "Eiffel Tower", "target_new": "Rome", "case_id": 10}
+    b = {**a, "target_new": "Berlin", "case_id": 11}
+    with pytest.raises(ValueError) as e:
+        normalize_requests([GOOD, a, GOOD, b])
+    msg = str(e.value)
+    assert msg.startswith("request 3 (case_id=11): field 'target_new': 'Berlin' conflicts with request 1 (case_id=10)")
+    assert "'Rome'" in msg and "drop_conflicts" in msg
+    # the filled-in layout is the same request, so the same conflict
+    with pytest.raises(ValueError, match=r"request 1 .* conflicts with request 0"):
+        normalize_requests([a, {**b, "prompt": "Eiffel Tower is located in"}])
+    # an exact repeat is the same constraint twice (documented rule: allowed), another prompt
+    # or another subject is another fact
+    assert len(normalize_requests([a, dict(a), {**b, "prompt": "{} stands in"}, {**b, "subject": "Big Ben"}])) == 4
+    kept, dropped = drop_conflicts([a, GOOD, b, dict(a)])
+    assert dropped == [2] and [r.case_id for r in kept] == [10, "ok", 10]
+
+
+def test_lone_surrogates_are_rejected_before_tokenization():
+    # json.loads accepts "\ud800" and gives a str that no tokenizer (or UTF-8 encoder) accepts
+    text = json.loads('"Danielle \\ud800Darrieux"')
+    for fld, change in [("subject", {"subject": text, "prompt": "{} was born in"}),
+                        ("prompt", {"prompt": "{} was born in \udfff"}),
+                        ("target_new", {"target_new": "Par\ud83dis"}),
+                        ("target_true", {"target_true": "\udc80"})]:
+        with pytest.raises(ValueError) as e:
+            normalize_requests([GOOD, {**GOOD, **change, "case_id": 5}])
+        msg = str(e.value)
+        assert msg.startswith(f"request 1 (case_id=5): field {fld!r}: not valid Unicode"), msg
+        assert "lone surrogate" in msg
+        msg.encode("utf-8")  # the message itself prints on any terminal
+    assert EditRequest("{} a été fondée à", "Société Générale", "São Paulo 🚀").target_new.endswith("🚀")
+
+
+def test_subject_containing_the_placeholder_in_a_filled_prompt():
+    r = EditRequest("The symbol of C{}++ is", "C{}++", "Bjarne")
+    assert r.prompt == "The symbol of {} is"
+    assert r.filled_prompt == "The symbol of C{}++ is"
+    assert r.filled_prompt[slice(*r.subject_span)] == "C{}++"
+    assert normalize_requests([r]) == [r]  # stable under re-normalization
+    (d,) = normalize_requests([{"prompt": "The symbol of C{}++ is", "subject": "C{}++", "target_new": "Bjarne"}])
+    assert d == r
+    with pytest.raises(ValueError, match=r"field 'prompt': has '\{\}' besides the subject"):
+        EditRequest("{} and C{}++ are languages", "C{}++", "old")
+
+
+def test_subject_and_prompt_lengths_are_bounded():
+    from pmedit.requests import MAX_PROMPT_CHARS, MAX_SUBJECT_CHARS
+
+    long_subject = " ".join(["word"] * 3000)
+    with pytest.raises(ValueError, match=rf"request 1 \(case_id='ok'\): field 'subject': 14999 characters .*"
+                                         rf"at most {MAX_SUBJECT_CHARS}"):
+        normalize_requests([GOOD, {**GOOD, "subject": long_subject}])
+    with pytest.raises(ValueError, match=rf"field 'prompt': {MAX_PROMPT_CHARS + 1} characters"):
+        EditRequest("{}" + "x" * (MAX_PROMPT_CHARS - 4), "abcde", "y")
+    assert EditRequest("{}" + "x" * (MAX_PROMPT_CHARS - 5), "abcde", "y")  # at the limit
+
+
+def _cf_record(case_id=0):
+    from pmedit.data import CounterFactRecord
+
+    return CounterFactRecord(case_id=case_id, subject="Danielle Darrieux", prompt="The mother tongue of {} is",
+                             target_new="English", target_true="French")
+
+
+def test_loader_records_are_accepted():
+    from pmedit.data import ZsreRecord
+
+    cf = _cf_record()
+    zs = ZsreRecord(case_id=3, subject="Watts Humphrey", prompt="What university did {} attend?",
+                    target_new="Trinity College", answers=("Trinity College",), alt="Duke", pred="Harvard",
+                    paraphrase_prompts=("x",), loc_prompt="nq question: who", loc_answer="me")
+    got = normalize_requests([cf, zs, DARRIEUX.to_dict()])
+    assert got[0] == DARRIEUX and got[2] == DARRIEUX
+    assert got[1] == EditRequest("What university did {} attend?", "Watts Humphrey", "Trinity College", case_id=3)
+    assert normalize_requests(cf) == [DARRIEUX]  # a single record is a list of one
+    with pytest.raises(ValueError, match=r"request 0: expected an EditRequest, a dict or a pmedit.data record, got int"):
+        normalize_requests([7])
+
+
+def test_loaded_files_feed_normalize_requests(shared_data):
+    from pmedit.data import load_counterfact, load_zsre
+
+    cf = load_counterfact(shared_data / "counterfact" / "counterfact_original_500.json", limit=20)
+    assert [r.case_id for r in normalize_requests(cf)] == [r.case_id for r in cf]
+    zs = load_zsre(shared_data / "zsre" / "locft_zsre_3k.json", limit=20)
+    reqs = normalize_requests(zs)
+    assert [r.filled_prompt for r in reqs] == [r.rewrite_prompt for r in zs]
+    big = load_counterfact(shared_data / "counterfact" / "easyedit_counterfact-edit.json")
+    with pytest.raises(ValueError, match="conflicts with"):
+        normalize_requests(big)
+    kept, dropped = drop_conflicts(big)
+    assert len(kept) + len(dropped) == len(big) and 0 < len(dropped) < 100
+    assert normalize_requests(kept) == kept
+
+
+def test_compute_keys_takes_counterfact_records(smollm2):
+    from pmedit.keys import compute_keys
+    from pmedit.models import ModelSpec
+
+    model, tok = smollm2
+    spec = ModelSpec.from_model(model)
+    a = compute_keys(model, tok, spec, 1, [_cf_record()], ["A day. {}"])
+    b = compute_keys(model, tok, spec, 1, [DARRIEUX], ["A day. {}"])
+    assert torch.equal(a, b)
