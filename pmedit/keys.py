@@ -24,7 +24,7 @@ from torch import nn
 from pmedit.hooks import Trace
 from pmedit.models import ModelSpec
 from pmedit.requests import EditRequest, normalize_requests
-from pmedit.tokens import encode_prompt, encode_subject_prompt
+from pmedit.tokens import encode_prompt, encode_subject_prompt, pad_batch, pad_id
 
 log = logging.getLogger(__name__)
 
@@ -37,26 +37,6 @@ def model_device(model: nn.Module) -> torch.device:
     if emb is not None and hasattr(emb, "weight"):
         return emb.weight.device
     return next(model.parameters()).device
-
-
-def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and attention mask; positions stay counted from the left, so a token's
-    index in its own sequence is its index in the batch row."""
-    n = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def pad_id(tok) -> int:
-    for name in ("pad_token_id", "eos_token_id"):
-        v = getattr(tok, name, None)
-        if v is not None:
-            return int(v)
-    return 0
 
 
 @torch.no_grad()

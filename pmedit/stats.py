@@ -44,6 +44,7 @@ from pmedit.fileio import atomic_path, load_verified, remove_stale_temps, save_v
 from pmedit.corpus import Corpus, resolve_corpus
 from pmedit.hooks import Trace
 from pmedit.models import ModelSpec, cache_root
+from pmedit.tokens import encode_documents, pad_batch, pad_id
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def plan_batches(tokenizer, corpus: Corpus, *, max_tokens: int, batch_tokens: in
 
     def flush() -> bool:
         nonlocal total
-        enc = tokenizer(chunk, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+        enc = encode_documents(tokenizer, chunk, max_length=max_length)
         chunk.clear()
         for ids in enc:
             if not ids:
@@ -165,16 +166,6 @@ def plan_batches(tokenizer, corpus: Corpus, *, max_tokens: int, batch_tokens: in
             h.update(np.asarray(d, dtype=np.int64).tobytes())
             h.update(b"|")
     return Plan(batches, total, h.hexdigest()[:16], max_length, len(docs))
-
-
-def _pad(batch: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(d) for d in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for r, d in enumerate(batch):
-        ids[r, : len(d)] = torch.tensor(d, dtype=torch.long)
-        mask[r, : len(d)] = 1
-    return ids.to(device), mask.to(device)
 
 
 # ----------------------------------------------------------------------------------------
@@ -274,7 +265,7 @@ def collect_second_moments(
     if ckpt_path is not None and ckpt_path.exists():
         start, tokens_done = _resume(ckpt_path, ckpt_meta, sms, plan)
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = pad_id(tokenizer)
     device = _input_device(model)
     log.info("C0 statistics for layers %s: %d tokens from %s (%d documents) in %d batches%s", layers,
              plan.tokens, corpus.id, plan.documents, len(plan.batches),
@@ -288,7 +279,7 @@ def collect_second_moments(
     try:
         with torch.no_grad(), Trace(model, list(names.values()), retain_input=True, stop=True) as tr:
             for b in range(start, len(plan.batches)):
-                ids, mask = _pad(plan.batches[b], pad_id, device)
+                ids, mask = pad_batch(plan.batches[b], pad, device)
                 tr.run(input_ids=ids, attention_mask=mask, use_cache=False)
                 keep = mask.bool()
                 for layer, name in names.items():

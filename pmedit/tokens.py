@@ -19,15 +19,66 @@ at the subject's last token; both go wrong silently when tokenization is careles
 - Prompt ids keep the special tokens the tokenizer prepends (the model was trained with BOS)
   but drop any it appends (an EOS after the prompt would end the text the target continues).
 
+- **Padding.** Every batch is padded by :func:`pad_batch` with the id :func:`pad_id` picks
+  (the tokenizer's pad id, else EOS, else 0). Padded positions are masked, so the id never
+  changes a score; one rule keeps batches identical wherever they are built.
+
 Not here: which prompts an edit uses (pmedit.keys / pmedit.values) and request validation
 (pmedit.requests).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from string import Formatter
 
+import torch
+
 from pmedit.requests import EditRequest
+
+
+def pad_id(tok) -> int:
+    """The one pad-id rule: the tokenizer's pad id, else its EOS id, else 0."""
+    for name in ("pad_token_id", "eos_token_id"):
+        v = getattr(tok, name, None)
+        if v is not None:
+            return int(v)
+    return 0
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad: int, device=None, *, side: str = "right"
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded ids [n, max_len] and attention mask (long, 1 on real tokens).
+
+    Right padding (the default: scoring, keys, values, statistics) keeps positions counted from
+    the left, so a token's index in its own sequence is its index in the batch row; left padding
+    is for generation, where every row must end at the last column.
+    """
+    if side not in ("right", "left"):
+        raise ValueError(f"pad_batch: side must be 'right' or 'left', got {side!r}")
+    if not seqs:
+        raise ValueError("pad_batch: no sequences")
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), int(pad), dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        cols = slice(0, len(s)) if side == "right" else slice(n - len(s), n)
+        ids[i, cols] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[i, cols] = 1
+    if device is not None:
+        ids, mask = ids.to(device), mask.to(device)
+    return ids, mask
+
+
+def encode_documents(tok, texts: Sequence[str], *, max_length: int | None = None,
+                     special_tokens: bool = True) -> list[list[int]]:
+    """Ids of whole documents (statistics corpora, perplexity text), in one batched call.
+
+    ``special_tokens`` keeps what the tokenizer adds (BOS where the model was trained with it);
+    ``max_length`` truncates each document.
+    """
+    kw = {"truncation": True, "max_length": int(max_length)} if max_length else {}
+    return [list(ids) for ids in tok(list(texts), add_special_tokens=special_tokens, **kw)["input_ids"]]
 
 
 def split_target(prompt: str, target: str) -> tuple[str, str]:

@@ -43,10 +43,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pmedit.hooks import Trace
-from pmedit.keys import model_device, pad_batch, pad_id
+from pmedit.keys import model_device
 from pmedit.models import ModelSpec
 from pmedit.requests import EditRequest, normalize_requests
-from pmedit.tokens import EncodedEdit, EncodedPrompt, encode_kl_prompt, encode_rewrite
+from pmedit.tokens import EncodedEdit, EncodedPrompt, encode_kl_prompt, encode_rewrite, pad_batch, pad_id
 
 log = logging.getLogger(__name__)
 

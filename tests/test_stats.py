@@ -19,6 +19,7 @@ from pmedit import stats as S
 from pmedit.corpus import resolve_corpus
 from pmedit.hooks import run_until
 from pmedit.models import LayerIndexError, ModelSpec
+from pmedit.tokens import pad_batch
 
 
 pytestmark = pytest.mark.usefixtures("one_intraop_thread")
@@ -179,7 +180,7 @@ def test_padding_is_excluded(smollm2, plan, collected):
     n_rows = 0
     with torch.no_grad():
         for batch in plan.batches:
-            ids, _ = S._pad(batch, tok.pad_token_id, "cpu")
+            ids, _ = pad_batch(batch, tok.pad_token_id, "cpu")
             k = run_until(model, name, ids).inputs[name].reshape(-1, spec.intermediate_size).double()
             with_pad += k.T @ k
             n_rows += k.shape[0]
