@@ -45,10 +45,10 @@ def test_emmet_closed_form(benchmark, provider, E):
     if provider == "reference inverse":
         benchmark(_reference_emmet, R, K, C0, lam_e)
     elif provider == "pm_delta from C0":
-        benchmark(lambda: pm_delta("emmet", R, K, C0, lam_e=lam_e).delta)
+        benchmark(lambda: pm_delta(R, K, C0, ridge=lam_e).delta)
     else:
         fac = SPDFactor(C0)
-        benchmark(lambda: pm_delta("emmet", R, K, fac, lam_e=lam_e).delta)
+        benchmark(lambda: pm_delta(R, K, fac, ridge=lam_e).delta)
 
 
 @pytest.mark.parametrize("provider", ["python loop", "torch batched", "torch", "cpu", "triton", "cuda"])

@@ -1,4 +1,4 @@
-"""Hyperparameters of an edit, as one frozen and validated dataclass.
+"""Hyperparameters of an edit: the fields every method shares, as a frozen, validated dataclass.
 
 The research code loads its JSON with ``cls(**data)``, so a misspelt key either crashes with a
 Python error far from the file or, worse, is silently dropped by a default. Here every key is
@@ -6,6 +6,12 @@ checked against the field list (an unknown key is an error that lists the valid 
 value against its type and range, and the object is frozen so an Editor's settings cannot drift
 after its statistics were collected. Presets hold the settings chosen for a model; they are
 plain data in this module (no package data files to lose in an install).
+
+Each method extends :class:`EditHparams` with its own fields in its own file
+(``pmedit/methods/``); ``EditHparams.from_dict``/``preset``/``load``/``replace`` build the class
+of the method the data names, so ``{"method": "memit", "lam_e": 0.1}`` is refused (MEMIT has no
+λₑ) instead of being ignored. A preset is model-level settings here plus each method's own
+settings for that model, kept in the method's file.
 
 What this module does not do: pick layers automatically or read model configs; the Editor
 checks the layers against the model it edits.
@@ -21,7 +27,6 @@ from typing import Any
 
 from pmedit.fileio import atomic_write_text
 
-METHODS = ("rome", "memit", "emmet")
 PRECISIONS = ("fp64", "fp32")
 MOM2_DTYPES = ("float32", "float64")
 
@@ -31,8 +36,7 @@ class EditHparams:
     """Everything that changes the numbers of an edit, besides the model and the requests.
 
     ``lam`` is MEMIT's ``mom2_update_weight``: the preservation matrix is C = lam·C0 with C0 the
-    mean second moment of the edited layer's keys. ``lam_e`` is EMMET's ridge on
-    KᵀC⁻¹K (needed whenever a batch has more edits than the key dimension).
+    mean second moment of the edited layer's keys.
     ``keep_prior_edits`` adds the keys of every applied batch to C (C ← C + ΣKₚKₚᵀ) so later
     batches preserve earlier edits as well as the corpus.
     """
@@ -58,9 +62,15 @@ class EditHparams:
     mom2_dtype: str = "float64"
     # the closed form (pmkernels.solve.pm_delta)
     lam: float = 1.0
-    lam_e: float = 0.1
     keep_prior_edits: bool = False
     precision: str = "fp64"
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        # EditHparams(...) builds the named method's own class, so its fields are accepted and
+        # another method's are refused (e.g. EditHparams(method="memit", lam_e=0.1)).
+        if cls is EditHparams:
+            cls = EditHparams.for_method(kwargs.get("method", "emmet"), source="EditHparams")
+        return object.__new__(cls)
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, (list, tuple)):
@@ -77,15 +87,13 @@ class EditHparams:
                 f"EditHparams field 'layers': {list(self.layers)} must be strictly increasing "
                 "(MEMIT spreads the residual from the first to the last layer)"
             )
-        _choice("method", self.method, METHODS)
+        _choice("method", self.method, _method_names())
         _choice("precision", self.precision, PRECISIONS)
         _choice("mom2_dtype", self.mom2_dtype, MOM2_DTYPES)
-        if self.method == "rome" and len(self.layers) != 1:
-            raise ValueError(f"EditHparams field 'layers': ROME edits exactly one layer, got {list(self.layers)}")
         _positive("lr", self.lr)
         _positive("clamp_norm_factor", self.clamp_norm_factor)
         _positive("lam", self.lam)
-        for name in ("kl_factor", "weight_decay", "loss_stop", "lam_e"):
+        for name in ("kl_factor", "weight_decay", "loss_stop"):
             _non_negative(name, getattr(self, name))
         for name in ("steps", "n_templates"):
             _non_negative(name, getattr(self, name))
@@ -102,17 +110,75 @@ class EditHparams:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "hyperparameters") -> EditHparams:
-        """Build from a mapping, refusing keys that are not fields (a typo is an error)."""
-        check_mapping_keys(cls, data, source)
+        """Build the named method's hyperparameters (``method`` defaults to emmet) from a mapping,
+        refusing keys that are not its fields (a typo, or another method's field, is an error)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a mapping of field names, got {type(data).__name__}")
+        target = cls.for_method(data.get("method", "emmet"), source=source)
+        check_mapping_keys(target, data, source)
         if "layers" not in data:
             raise ValueError(f"{source}: missing required key 'layers'")
-        return cls(**data)
+        return target(**data)
+
+    @classmethod
+    def resolve(cls, hparams: Any, *, method: str | None = None, layers: Any = None,
+                where: str = "hparams") -> EditHparams:
+        """The method's own hyperparameters from an EditHparams, a preset name or a mapping,
+        with ``method``/``layers`` overriding theirs (``hparams=None`` needs ``layers``)."""
+        overrides: dict[str, Any] = {}
+        if method is not None:
+            overrides["method"] = str(method).lower()
+        if layers is not None:
+            overrides["layers"] = [layers] if isinstance(layers, int) else list(layers)
+        if hparams is None:
+            if "layers" not in overrides:
+                raise ValueError(f"{where}: give layers=[...] or hparams (an EditHparams or a preset name)")
+            return EditHparams.from_dict(overrides, source=f"{where} arguments")
+        if isinstance(hparams, str):
+            return EditHparams.preset(hparams, **overrides)
+        if isinstance(hparams, dict):
+            hp = EditHparams.from_dict(dict(hparams), source=f"{where} hparams")
+        elif isinstance(hparams, EditHparams):
+            hp = hparams
+        else:
+            raise TypeError(f"{where}: hparams must be an EditHparams, a preset name or a mapping, "
+                            f"got {type(hparams).__name__}")
+        return hp.replace(**overrides) if overrides else hp
+
+    @classmethod
+    def for_method(cls, method: Any, *, source: str = "hyperparameters") -> type[EditHparams]:
+        """The hyperparameter class of ``method`` (from the method registry); called on a
+        method's own class it also checks that ``method`` is that method."""
+        from pmedit.methods import get_method
+
+        if not isinstance(method, str):
+            raise ValueError(f"{source}: field 'method' must be a string, got {method!r}")
+        try:
+            target = get_method(method).hparams
+        except ValueError as e:
+            raise ValueError(f"{source}: field 'method': {e}") from None
+        if cls is not EditHparams and target is not cls:
+            raise ValueError(f"{source}: {cls.__name__} holds method {cls.method_name()!r}, not {method!r}")
+        return target
+
+    @classmethod
+    def method_name(cls) -> str:
+        return next(f.default for f in fields(cls) if f.name == "method")
 
     def replace(self, **changes: Any) -> EditHparams:
-        """A copy with some fields changed, validated like a new object (unknown names refused)."""
+        """A copy with some fields changed, validated like a new object (unknown names refused).
+
+        Changing ``method`` keeps the shared fields; fields that only the old method has are
+        dropped (the new method's own fields take their defaults), unless given in ``changes``,
+        where a field the new method lacks is an error.
+        """
         merged = self.to_dict()
+        if "method" in changes and changes["method"] != self.method:
+            target = EditHparams.for_method(changes["method"], source="EditHparams.replace")
+            own = {f.name for f in fields(target)}
+            merged = {k: v for k, v in merged.items() if k in own}
         merged.update(changes)
-        return type(self).from_dict(merged, source="EditHparams.replace")
+        return EditHparams.from_dict(merged, source="EditHparams.replace")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
@@ -156,13 +222,23 @@ class EditHparams:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> EditHparams:
+        """The settings chosen for a model: the model-level preset, then the method's own preset
+        of that name (``overrides["method"]`` picks the method, else the preset's), then
+        ``overrides``."""
+        from pmedit.methods import get_method
+
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
         data = dict(PRESETS[name])
+        if cls is not EditHparams:
+            data["method"] = cls.method_name()
+        data["method"] = overrides.get("method", data["method"])
+        data.update(get_method(data["method"]).presets.get(name, {}))
         data.update(overrides)
-        return cls.from_dict(data, source=f"preset {name!r}")
+        return EditHparams.from_dict(data, source=f"preset {name!r}")
 
 
+# Model-level presets (a method's own fields for a preset live in its file, e.g. EMMET's λₑ).
 # SmolLM2-135M (30 layers, d=1536 keys, 576 hidden): layer 4 and λ=100 from a small sweep on the
 # real model (the 6 example facts in one batch, 15 steps, 2 templates, C0 from 10k tokens;
 # benchmarks/RESULTS.md, Editor): EMMET at layers 2/4/6/8 all wrote 6/6 edits that also hold
@@ -180,7 +256,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "layers": [4],
         "method": "emmet",
         "lam": 100.0,
-        "lam_e": 0.1,
         "clamp_norm_factor": 4.0,
         "weight_decay": 1e-3,
         "mom2_tokens": 100_000,
@@ -194,7 +269,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "weight_decay": 1e-3,
         "clamp_norm_factor": 4.0,
         "lam": 1.0,
-        "lam_e": 0.1,
         "mom2_tokens": 100_000,
         "value_batch_size": 8,
         "key_batch_size": 16,
@@ -211,6 +285,12 @@ def check_mapping_keys(cls, data: Any, source: str) -> None:
     unknown = sorted(k for k in data if k not in valid)
     if unknown:
         raise ValueError(f"{source}: unknown key(s) {unknown}; valid keys are: {', '.join(valid)}")
+
+
+def _method_names() -> tuple[str, ...]:
+    from pmedit.methods import method_names
+
+    return method_names()
 
 
 def _is_yaml(path: Path) -> bool:

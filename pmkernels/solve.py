@@ -7,11 +7,14 @@ with bounded relative jitter when it is numerically semidefinite), the factor is
 batches and updated in O(d²k) when edits join the preservation term, and every quantity of the
 form KᵀC⁻¹K comes from the whitened keys L⁻¹K, never from C⁻¹.
 
-All three methods are one formula, Δ = R (KᵀC⁻¹K + λₑI)⁻¹ KᵀC⁻¹ = R Kᵀ (KKᵀ + λₑC)⁻¹:
-EMMET as written, MEMIT with λₑ = 1 and ROME with one edit and λₑ = 0. ``pm_delta`` evaluates
-it in the E-dimensional "key space" when E ≤ d (factor C, solve an E×E system) and in the
-d-dimensional "dual" form when E > d (factor KKᵀ + λₑC), which is far cheaper there and is the
-only form that exists when KᵀC⁻¹K is singular.
+All three methods are one formula with a ridge ρ on KᵀC⁻¹K,
+Δ = R (KᵀC⁻¹K + ρI)⁻¹ KᵀC⁻¹ = R Kᵀ (KKᵀ + ρC)⁻¹: EMMET is ρ = λₑ, MEMIT ρ = 1 and ROME one edit
+with ρ = 0. The ridge is always the caller's explicit argument (no method names here: which ρ a
+method uses is pmedit.methods' business). ``pm_delta`` evaluates the formula in the
+E-dimensional "key space" when E ≤ d (factor C, solve an E×E system) and in the d-dimensional
+"dual" form when E > d (factor KKᵀ + ρC), which is far cheaper there and is the only form that
+exists when KᵀC⁻¹K is singular. ``rank_one_delta`` is the textbook one-edit form
+(v − W₀k) kᵀC⁻¹ / (kᵀC⁻¹k), kept separate so that "ρ = 0 with one edit equals it" is a check.
 
 What this module deliberately does not do: collect C0 (``pmkernels.covariance``), compute keys
 or values (``pmedit``), or batch many small systems (``pmkernels.batched_solve``).
@@ -26,9 +29,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SPDFactor", "NotSPDError", "rank_update", "pm_delta", "DeltaResult", "METHODS"]
-
-METHODS = ("rome", "memit", "emmet")
+__all__ = ["SPDFactor", "NotSPDError", "rank_update", "pm_delta", "rank_one_delta", "DeltaResult"]
 
 # First relative jitter tried (times mean(diag A)), per dtype; each retry multiplies it by 10.
 # Sized a few ulps above the rounding noise of a Cholesky pivot so that a well-posed but
@@ -386,18 +387,18 @@ class DeltaResult:
     """An update Δ [d_out, d] (fp64) with the numbers that say how far to trust it.
 
     ``residual``: relative Frobenius residual of the linear system that defines Δ on the route
-    taken, in fp64: ‖ΔK + λₑΛ − R‖/‖R‖ in key space (Λ = R(KᵀC⁻¹K+λₑI)⁻¹; for λₑ = 0 this is
+    taken, in fp64: ‖ΔK + ρΛ − R‖/‖R‖ in key space (Λ = R(KᵀC⁻¹K+ρI)⁻¹; for ρ = 0 this is
     exactly ‖(W₀+Δ)K − V‖/‖V − W₀K‖), and with fp32 refinement also ‖CZ − K‖/‖K‖ for the
-    refined Z = C⁻¹K (the larger of the two; both in ``extra``); ‖Δ(KKᵀ+λₑC) − RKᵀ‖/‖RKᵀ‖ in
+    refined Z = C⁻¹K (the larger of the two; both in ``extra``); ‖Δ(KKᵀ+ρC) − RKᵀ‖/‖RKᵀ‖ in
     the dual form.
-    ``jitter`` / ``cond_estimate`` belong to the big d×d factor (C or KKᵀ+λₑC),
-    ``inner_jitter`` to the E×E matrix KᵀC⁻¹K + λₑI (key space only).
+    ``jitter`` / ``cond_estimate`` belong to the big d×d factor (C or KKᵀ+ρC),
+    ``inner_jitter`` to the E×E matrix KᵀC⁻¹K + ρI (key space only). ``route`` is "keys",
+    "dual", "rank-one" or "empty".
     """
 
     delta: torch.Tensor
     residual: float
     jitter: float
-    method: str = "emmet"
     route: str = "keys"
     precision: str = "fp64"
     inner_jitter: float = 0.0
@@ -447,29 +448,67 @@ def _refined_solve(matmul64, factor32: SPDFactor, B: torch.Tensor, *, max_steps:
 
 
 def pm_delta(
-    method: str,
     R: torch.Tensor,
     K: torch.Tensor,
     C: torch.Tensor | SPDFactor,
     *,
     lam: float = 1.0,
-    lam_e: float = 0.0,
+    ridge: float = 0.0,
     precision: str = "fp64",
     route: str = "auto",
     max_refine: int = 10,
 ) -> DeltaResult:
-    """Δ [d_out, d] for ROME, MEMIT or EMMET from residuals R [d_out, E] and keys K [d, E].
+    """Δ = R (KᵀC⁻¹K + ridge·I)⁻¹ KᵀC⁻¹ [d_out, d] from residuals R [d_out, E] and keys K [d, E].
 
     ``C`` is C0 [d, d] (the preservation matrix is then ``lam * C0``) or an ``SPDFactor`` of the
     full preservation matrix, λ already applied (``lam`` must then stay 1): factor once, pass the
-    factor for every batch. ``lam_e`` is EMMET's λₑ (MEMIT is λₑ = 1, ROME λₑ = 0 with E = 1).
-    ``precision="fp32"`` factors in fp32 and refines every solve with fp64 residuals (needs the
-    matrix, so a factor must keep it). ``route``: "keys" (E×E system; needs C factored), "dual"
-    (factor KKᵀ + λₑC; needs λₑ > 0) or "auto" (keys when E ≤ d).
+    factor for every batch. ``ridge`` ≥ 0 is the caller's choice (EMMET: λₑ; MEMIT: 1; an
+    equality-constrained update: 0, which needs E ≤ d). ``precision="fp32"`` factors in fp32
+    and refines every solve with fp64 residuals (needs the matrix, so a factor must keep it).
+    ``route``: "keys" (E×E system; needs C factored), "dual" (factor KKᵀ + ridge·C; needs
+    ridge > 0) or "auto" (keys when E ≤ d).
     """
-    method = str(method).lower()
-    if method not in METHODS:
-        raise ValueError(f"pm_delta: unknown method {method!r}; choose one of {METHODS}")
+    d_out, E, d, device, lam = _check_delta_args(R, K, C, lam=lam, ridge=ridge, precision=precision, route=route)
+    le = float(ridge)
+    if E > d and le == 0:
+        raise ValueError(
+            f"pm_delta: E={E} edits > d={d} with ridge=0: KᵀC⁻¹K ({E}x{E}) has rank at most {d} and is "
+            f"singular, so the equality-constrained update does not exist; pass ridge > 0"
+        )
+    if E == 0:
+        return DeltaResult(torch.zeros(d_out, d, dtype=torch.float64, device=device), 0.0, 0.0,
+                           route="empty", precision=precision)
+    if route == "auto":
+        route = "keys" if E <= d or le == 0 else "dual"
+    if route == "dual" and le == 0:
+        raise ValueError("pm_delta: route='dual' needs ridge > 0 (KKᵀ alone is singular for E < d)")
+    R64, K64 = R.to(torch.float64), K.to(torch.float64)
+    P, Pfac, fdtype = _preservation(C, lam, precision, need_matrix=route == "dual")
+    if route == "keys":
+        return _keys_route(False, R64, K64, P, Pfac, le, fdtype, max_refine)
+    return _dual_route(R64, K64, P, le, fdtype, max_refine)
+
+
+def rank_one_delta(
+    R: torch.Tensor,
+    K: torch.Tensor,
+    C: torch.Tensor | SPDFactor,
+    *,
+    lam: float = 1.0,
+    precision: str = "fp64",
+) -> DeltaResult:
+    """The textbook one-edit update Δ = r (C⁻¹k)ᵀ / (kᵀC⁻¹k), R [d_out, 1], K [d, 1] (ROME).
+
+    Arguments as :func:`pm_delta`; equal to ``pm_delta(R, K, C, ridge=0)`` up to rounding.
+    """
+    d_out, E, d, device, lam = _check_delta_args(R, K, C, lam=lam, ridge=0.0, precision=precision, route="keys")
+    if E != 1:
+        raise ValueError(f"rank_one_delta: one edit at a time (K is [d, 1]); got E={E}")
+    P, Pfac, fdtype = _preservation(C, lam, precision, need_matrix=False)
+    return _keys_route(True, R.to(torch.float64), K.to(torch.float64), P, Pfac, 0.0, fdtype, 10)
+
+
+def _check_delta_args(R, K, C, *, lam, ridge, precision, route):
     if precision not in ("fp64", "fp32"):
         raise ValueError(f"pm_delta: precision must be 'fp64' or 'fp32', got {precision!r}")
     if route not in ("auto", "keys", "dual"):
@@ -503,48 +542,31 @@ def pm_delta(
     for nm, t in (("R", R), ("K", K)):
         if t.device != device:
             raise ValueError(f"pm_delta: {nm} is on {t.device} but C is on {device}")
-    if not (math.isfinite(lam_e) and lam_e >= 0):
-        raise ValueError(f"pm_delta: lam_e must be a finite number >= 0, got {lam_e}")
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not (math.isfinite(ridge) and ridge >= 0):
+        raise ValueError(f"pm_delta: ridge must be a finite number >= 0, got {ridge!r}")
     _finite_or_raise("R", R)
     _finite_or_raise("K", K)
-    if method == "rome":
-        if E != 1:
-            raise ValueError(f"pm_delta: ROME edits one fact at a time; got E={E} (use 'memit' or 'emmet')")
-        if lam_e != 0:
-            raise ValueError(f"pm_delta: ROME has no λₑ (got lam_e={lam_e}); use method='emmet'")
-    le = 1.0 if method == "memit" else float(lam_e)
-    if method == "emmet" and E > d and le == 0:
-        raise ValueError(
-            f"pm_delta: EMMET with E={E} edits > d={d}: KᵀC⁻¹K ({E}x{E}) has rank at most {d} and is "
-            f"singular, so the equality-constrained update does not exist; pass lam_e > 0"
-        )
-    R64, K64 = R.to(torch.float64), K.to(torch.float64)
-    if E == 0:
-        return DeltaResult(torch.zeros(d_out, d, dtype=torch.float64, device=device), 0.0, 0.0,
-                           method=method, route="empty", precision=precision)
-    if route == "auto":
-        route = "keys" if E <= d or le == 0 else "dual"
-    if route == "dual" and le == 0:
-        raise ValueError("pm_delta: route='dual' needs λₑ > 0 (KKᵀ alone is singular for E < d)")
+    if precision == "fp32" and isinstance(C, SPDFactor) and not C.has_matrix:
+        raise ValueError("pm_delta: precision='fp32' refines against the matrix itself; the factor was "
+                         "built with keep_matrix=False")
+    return d_out, E, d, device, lam
 
+
+def _preservation(C, lam, precision, *, need_matrix):
+    """(P, Pfac, fdtype): the preservation matrix where the route needs it, and its fp64 factor
+    when that can be reused as given."""
     fdtype = torch.float32 if precision == "fp32" else torch.float64
     if isinstance(C, SPDFactor):
-        if precision == "fp32" and not C.has_matrix:
-            raise ValueError("pm_delta: precision='fp32' refines against the matrix itself; the factor was "
-                             "built with keep_matrix=False")
-        # The matrix itself is only needed to refine (fp32) or to form KKᵀ + λₑC (dual).
-        P = C.matrix().to(torch.float64) if (precision == "fp32" or route == "dual") else None
-        Pfac = C if (precision == "fp64" and route == "keys") else None
+        # The matrix itself is only needed to refine (fp32) or to form KKᵀ + ρC (dual).
+        P = C.matrix().to(torch.float64) if (precision == "fp32" or need_matrix) else None
+        Pfac = C if (precision == "fp64" and not need_matrix) else None
     else:
         P = float(lam) * C.to(torch.float64)  # a new tensor: C is never modified
         Pfac = None
-
-    if route == "keys":
-        return _keys_route(method, R64, K64, P, Pfac, le, fdtype, max_refine)
-    return _dual_route(method, R64, K64, P, le, fdtype, max_refine)
+    return P, Pfac, fdtype
 
 
-def _keys_route(method, R, K, P, Pfac, le, fdtype, max_refine) -> DeltaResult:
+def _keys_route(rank_one, R, K, P, Pfac, le, fdtype, max_refine) -> DeltaResult:
     d_out, E = R.shape
     steps, c_res = 0, 0.0
     if fdtype == torch.float64:
@@ -557,8 +579,8 @@ def _keys_route(method, R, K, P, Pfac, le, fdtype, max_refine) -> DeltaResult:
         fac = SPDFactor(P, dtype=torch.float32, name="C", check=True)
         Z, c_res, steps = _refined_solve(lambda X: P @ X, fac, K, max_steps=max_refine, what="C⁻¹K")
         D = K.mT @ Z
-    if method == "rome":
-        # The textbook form, kept separate so that "one-edit EMMET equals ROME" is a real check.
+    if rank_one:
+        # The textbook form, kept separate so that "one-edit ridge 0 equals it" is a real check.
         q = float(D[0, 0])
         if not q > 0:
             raise NotSPDError(f"pm_delta: kᵀC⁻¹k = {q:.3g} is not positive (k is zero or C is not SPD)")
@@ -570,11 +592,11 @@ def _keys_route(method, R, K, P, Pfac, le, fdtype, max_refine) -> DeltaResult:
             D.diagonal().add_(le)
         # A squared pivot below 100·E·u of the largest is rounding noise (κ(D) beyond what fp64
         # resolves, e.g. the same key twice): treat it as singular and let jitter regularise it.
-        Dfac = SPDFactor(D, name="KᵀC⁻¹K + λₑI" if le else "KᵀC⁻¹K", check=False,
+        Dfac = SPDFactor(D, name="KᵀC⁻¹K + ρI" if le else "KᵀC⁻¹K", check=False,
                          min_pivot=100 * E * torch.finfo(torch.float64).eps)
         if Dfac.jitter:
-            log.warning("pm_delta(%s): KᵀC⁻¹K + λₑI (%dx%d) needed jitter %.3g: the keys are (nearly) linearly "
-                        "dependent; the constraints hold only approximately", method, E, E, Dfac.jitter)
+            log.warning("pm_delta(ridge=%g): KᵀC⁻¹K + ρI (%dx%d) needed jitter %.3g: the keys are (nearly) linearly "
+                        "dependent; the constraints hold only approximately", le, E, E, Dfac.jitter)
         Y = Dfac.solve(R.mT.contiguous())  # [E, d_out] = D⁻¹Rᵀ
         inner_jit = Dfac.jitter
     # ΔK + λₑΛ = R (Λ = Yᵀ) is the constraint block of the optimality system; with ΔC = ΛKᵀ,
@@ -594,7 +616,7 @@ def _keys_route(method, R, K, P, Pfac, le, fdtype, max_refine) -> DeltaResult:
             constraint, best = r, delta
         # 1e-14 relative is below anything an edit can resolve: most calls stop here at once,
         # and only ill-conditioned ones pay for another pass.
-        if method == "rome" or r <= 1e-14 or r > 0.5 * prev or it == 2:
+        if rank_one or r <= 1e-14 or r > 0.5 * prev or it == 2:
             break
         prev = r
         Y = Y - Dfac.solve(res_mat.mT.contiguous())
@@ -604,24 +626,24 @@ def _keys_route(method, R, K, P, Pfac, le, fdtype, max_refine) -> DeltaResult:
         # With λₑ = 0 the constraints hold whatever Z's accuracy (D is built from the same Z),
         # so the refined solve's own residual must be part of the figure.
         extra["c_solve_residual"] = c_res
-    return DeltaResult(delta.contiguous(), max(constraint, c_res), fac.jitter, method=method,
-                       route="keys", precision="fp64" if fdtype == torch.float64 else "fp32",
+    return DeltaResult(delta.contiguous(), max(constraint, c_res), fac.jitter,
+                       route="rank-one" if rank_one else "keys", precision="fp64" if fdtype == torch.float64 else "fp32",
                        inner_jitter=inner_jit, refine_steps=steps, extra=extra, _factor=fac)
 
 
-def _dual_route(method, R, K, P, le, fdtype, max_refine) -> DeltaResult:
-    M = torch.addmm(P, K, K.mT, beta=le)  # KKᵀ + λₑC
+def _dual_route(R, K, P, le, fdtype, max_refine) -> DeltaResult:
+    M = torch.addmm(P, K, K.mT, beta=le)  # KKᵀ + ρC
     M = 0.5 * (M + M.mT)
     B = K @ R.mT  # [d, d_out] = K Rᵀ
     steps = 0
     if fdtype == torch.float64:
-        fac = SPDFactor(M, name="KKᵀ + λₑC", check=False)
+        fac = SPDFactor(M, name="KKᵀ + ρC", check=False)
         X = fac.solve(B)
     else:
-        fac = SPDFactor(M, dtype=torch.float32, name="KKᵀ + λₑC", check=False)
-        X, _, steps = _refined_solve(lambda Y: M @ Y, fac, B, max_steps=max_refine, what="(KKᵀ+λₑC)⁻¹KRᵀ")
+        fac = SPDFactor(M, dtype=torch.float32, name="KKᵀ + ρC", check=False)
+        X, _, steps = _refined_solve(lambda Y: M @ Y, fac, B, max_steps=max_refine, what="(KKᵀ+ρC)⁻¹KRᵀ")
     bn = float(B.norm())
     rr = float((M @ X - B).norm())
     residual = rr / bn if bn > 0 else rr
-    return DeltaResult(X.mT.contiguous(), residual, fac.jitter, method=method, route="dual",
+    return DeltaResult(X.mT.contiguous(), residual, fac.jitter, route="dual",
                        precision="fp64" if fdtype == torch.float64 else "fp32", refine_steps=steps, _factor=fac)

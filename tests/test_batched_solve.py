@@ -204,5 +204,5 @@ def test_sequential_emmet_batches_in_one_call(backend):
     Y = batched_spd_solve(D, Rs.mT.contiguous(), backend=backend).X  # [nb, E, d_out]
     for i in range(nb):
         delta = (fac.solve(Ks[i]) @ Y[i]).mT
-        ref = pm_delta("emmet", Rs[i], Ks[i], fac, lam_e=lam_e).delta
+        ref = pm_delta(Rs[i], Ks[i], fac, ridge=lam_e).delta
         assert float((delta - ref).norm() / ref.norm()) < 1e-11

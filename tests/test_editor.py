@@ -17,6 +17,7 @@ import torch
 
 from conftest import make_tiny_llama
 from pmedit.editor import EditError, Editor
+from pmedit.methods import EditContext
 from pmedit.hparams import EditHparams
 from pmedit.requests import EditRequest
 
@@ -44,52 +45,67 @@ def _requests(n: int, start: int = 0) -> list[EditRequest]:
 
 
 class Synthetic:
-    """Seeded keys/values per (request, layer), plus the hooks to count and sabotage them."""
+    """Seeded keys/values per (request, layer) through a fake EditContext (the Editor's public
+    ``context_class``), plus counters and hooks to sabotage solves and writes."""
 
     def __init__(self, nan_case=None):
         self.nan_case = nan_case
         self.calls = {"values": [], "keys": []}
+        self.on_solve = None  # (R, K, result) -> result
+        self.on_write = None  # (ctx, layer, delta) -> None, before the real write
 
-    def install(self, monkeypatch):
+    def context_class(self):
         syn = self
 
-        def values(ed, reqs, layer, rep):
-            syn.calls["values"].append(len(reqs))
-            hidden = ed.spec.hidden_size
-            H = torch.stack([torch.randn(hidden, generator=_seeded(r.case_id, "h"), dtype=torch.float64)
+        class SyntheticContext(EditContext):
+            def values(self, reqs, layer):
+                syn.calls["values"].append(len(reqs))
+                Z, H = syn.values(self.spec.hidden_size, reqs)
+                self.report.value_losses.extend([0.0] * len(reqs))
+                self.report.value_steps.extend([1] * len(reqs))
+                if not bool(torch.isfinite(Z).all()):
+                    row = int((~torch.isfinite(Z)).any(dim=1).nonzero()[0])
+                    raise EditError(f"{self.where}: non-finite target (case_id={reqs[row].case_id!r})")
+                return Z, H
+
+            def keys(self, reqs, layer):
+                syn.calls["keys"].append(len(reqs))
+                return syn.keys(self.d, reqs, layer)
+
+            def outputs_at_subject(self, reqs, layer):
+                return syn.values(self.spec.hidden_size, reqs)[1]
+
+            def solve(self, R, K, layer, *, ridge):
+                res = super().solve(R, K, layer, ridge=ridge)
+                return syn.on_solve(R, K, res) if syn.on_solve else res
+
+            def write(self, layer, delta):
+                if syn.on_write:
+                    syn.on_write(self, layer, delta)
+                super().write(layer, delta)
+
+        return SyntheticContext
+
+    def values(self, hidden, reqs):
+        H = torch.stack([torch.randn(hidden, generator=_seeded(r.case_id, "h"), dtype=torch.float64) for r in reqs])
+        Z = H + torch.stack([torch.randn(hidden, generator=_seeded(r.case_id, "z"), dtype=torch.float64)
                              for r in reqs])
-            Z = H + torch.stack([torch.randn(hidden, generator=_seeded(r.case_id, "z"), dtype=torch.float64)
-                                 for r in reqs])
-            for j, r in enumerate(reqs):
-                if r.case_id == syn.nan_case:
-                    Z[j, 3] = float("nan")
-            rep.value_losses.extend([0.0] * len(reqs))
-            rep.value_steps.extend([1] * len(reqs))
-            return Z, H, rep.value_losses[-len(reqs):], rep.value_steps[-len(reqs):]
+        for j, r in enumerate(reqs):
+            if r.case_id == self.nan_case:
+                Z[j, 3] = float("nan")
+        return Z, H
 
-        def keys(ed, reqs, layer, rep):
-            syn.calls["keys"].append(len(reqs))
-            return torch.stack([torch.rand(ed._d, generator=_seeded(r.case_id, "k", layer), dtype=torch.float64)
-                                for r in reqs]).T
-
-        def outputs(ed, reqs, layer):
-            # the "current output" of the last layer moves with the written weights: use the
-            # weights' checksum so a stale H (not recomputed) would be caught by the MEMIT test
-            return torch.stack([torch.randn(ed.spec.hidden_size, generator=_seeded(r.case_id, "h"),
-                                            dtype=torch.float64) for r in reqs])
-
-        monkeypatch.setattr(Editor, "_values", values)
-        monkeypatch.setattr(Editor, "_keys", keys)
-        monkeypatch.setattr(Editor, "_outputs_at_subject", outputs)
-        monkeypatch.setattr(Editor, "_context_templates", lambda ed: ["{}"])
-        return self
+    def keys(self, d, reqs, layer):
+        return torch.stack([torch.rand(d, generator=_seeded(r.case_id, "k", layer), dtype=torch.float64)
+                            for r in reqs]).T
 
 
-def _tiny_editor(model, method="emmet", layers=(1,), **hp):
+def _tiny_editor(model, syn, method="emmet", layers=(1,), **hp):
     d = model.config.intermediate_size
     c0 = {layer: _spd(d, seed=layer) for layer in layers}
     hparams = EditHparams(layers=list(layers), method=method, **hp)
-    return Editor(model, tokenizer=object(), hparams=hparams, second_moments=c0, progress=False)
+    return Editor(model, tokenizer=object(), hparams=hparams, second_moments=c0, progress=False,
+                  templates=["{}"], context_class=syn.context_class())
 
 
 def _weights(ed):
@@ -106,15 +122,15 @@ def _assert_same(a, b):
 
 def test_emmet_writes_the_closed_form(monkeypatch):
     """(W+Δ)K = WK + R for EMMET with λₑ = 0: the solve is wired to the right weight and sign."""
-    syn = Synthetic().install(monkeypatch)
+    syn = Synthetic()
     model = make_tiny_llama()
-    ed = _tiny_editor(model, lam_e=0.0)
+    ed = _tiny_editor(model, syn, lam_e=0.0)
     W0 = ed._weight(1).detach().double().clone()
     reqs = _requests(5)
     ed.edit(reqs)
     rep = ed.reports[-1].batches[0]
-    K = Editor._keys(ed, reqs, 1, rep)
-    Z, H, *_ = Editor._values(ed, reqs, 1, rep)
+    K = syn.keys(model.config.intermediate_size, reqs, 1)
+    Z, H = syn.values(model.config.hidden_size, reqs)
     W1 = ed._weight(1).detach().double()
     R = (Z - H).T
     err = ((W1 - W0) @ K - R).norm() / R.norm()
@@ -125,9 +141,9 @@ def test_emmet_writes_the_closed_form(monkeypatch):
 
 
 def test_batches_run_in_order_and_count(monkeypatch):
-    Synthetic().install(monkeypatch)
+    syn = Synthetic()
     model = make_tiny_llama()
-    ed = _tiny_editor(model)
+    ed = _tiny_editor(model, syn)
     report = ed.edit(_requests(5), batch_size=2)
     assert [b.n_edits for b in report.batches] == [2, 2, 1]
     assert [b.case_ids for b in report.batches] == [[0, 1], [2, 3], [4]]
@@ -137,9 +153,9 @@ def test_batches_run_in_order_and_count(monkeypatch):
 
 def test_sequential_batches_differ_from_one_batch(monkeypatch):
     """B=2 over 4 edits is not B=4: later batches see (and preserve less of) earlier ones."""
-    Synthetic().install(monkeypatch)
+    syn = Synthetic()
     model = make_tiny_llama()
-    ed = _tiny_editor(model)
+    ed = _tiny_editor(model, syn)
     ed.edit(_requests(4))
     one = _weights(ed)
     ed.restore()
@@ -149,10 +165,10 @@ def test_sequential_batches_differ_from_one_batch(monkeypatch):
 
 
 def test_restore_is_bit_exact(monkeypatch):
-    Synthetic().install(monkeypatch)
+    syn = Synthetic()
     model = make_tiny_llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ed = _tiny_editor(model, method="memit", layers=(1, 2))
+    ed = _tiny_editor(model, syn, method="memit", layers=(1, 2))
     ed.edit(_requests(6), batch_size=4)
     assert not torch.equal(ed._weight(1), before["model.layers.1.mlp.down_proj.weight"])
     ed.restore()
@@ -163,9 +179,9 @@ def test_restore_is_bit_exact(monkeypatch):
 
 
 def test_nan_value_leaves_weights_unchanged(monkeypatch):
-    Synthetic(nan_case=3).install(monkeypatch)
+    syn = Synthetic(nan_case=3)
     model = make_tiny_llama()
-    ed = _tiny_editor(model)
+    ed = _tiny_editor(model, syn)
     with pytest.raises(EditError, match="case_id=3") as e:
         ed.edit(_requests(4), batch_size=2)  # batch 0 fine, batch 1 holds the NaN
     assert len(e.value.report.batches) == 1
@@ -176,24 +192,20 @@ def test_nan_value_leaves_weights_unchanged(monkeypatch):
     assert ed.n_edits == 2
 
 
-def test_nan_delta_leaves_weights_unchanged(monkeypatch):
-    import pmedit.editor as editor_mod
-
-    Synthetic().install(monkeypatch)
+def test_nan_delta_leaves_weights_unchanged():
+    syn = Synthetic()
     model = make_tiny_llama()
-    ed = _tiny_editor(model, method="memit", layers=(1, 2))
+    ed = _tiny_editor(model, syn, method="memit", layers=(1, 2))
     before = _weights(ed)
-    real = editor_mod.pm_delta
     calls = []
 
-    def poisoned(*a, **k):
-        res = real(*a, **k)
+    def poisoned(R, K, delta):
         calls.append(1)
         if len(calls) == 2:  # layer 2, after layer 1 was already written
-            res.delta[0, 0] = float("inf")
-        return res
+            delta[0, 0] = float("inf")
+        return delta
 
-    monkeypatch.setattr(editor_mod, "pm_delta", poisoned)
+    syn.on_solve = poisoned
     with pytest.raises(EditError, match="layer 2.*non-finite"):
         ed.edit(_requests(3))
     _assert_same(_weights(ed), before)
@@ -201,72 +213,69 @@ def test_nan_delta_leaves_weights_unchanged(monkeypatch):
 
 
 def test_keyboard_interrupt_mid_apply_leaves_weights_unchanged(monkeypatch):
-    Synthetic().install(monkeypatch)
+    syn = Synthetic()
     model = make_tiny_llama()
-    ed = _tiny_editor(model, method="rome", layers=(2,))
+    ed = _tiny_editor(model, syn, method="rome", layers=(2,))
     ed.edit(_requests(2))
     before = _weights(ed)
-    real = Editor._write
     writes = []
 
-    def interrupted(self, layer, new):
+    def interrupted(ctx, layer, delta):
         writes.append(layer)
         if len(writes) == 2:  # the second ROME edit of the batch, the first already written
-            self._weight(layer).data[0].fill_(123.0)  # half-written row, then the interrupt
+            ctx.weight(layer).data[0].fill_(123.0)  # half-written row, then the interrupt
             raise KeyboardInterrupt
-        real(self, layer, new)
 
-    monkeypatch.setattr(Editor, "_write", interrupted)
+    syn.on_write = interrupted
     with pytest.raises(KeyboardInterrupt):
         ed.edit(_requests(3, start=10))
-    monkeypatch.setattr(Editor, "_write", real)
+    syn.on_write = None
     _assert_same(_weights(ed), before)
     assert ed.n_edits == 2
 
 
-def test_failed_solve_is_named_and_atomic(monkeypatch):
-    """EMMET with more edits than key dimensions needs λₑ > 0; pm_delta's error surfaces."""
-    Synthetic().install(monkeypatch)
+def test_failed_solve_is_named_and_atomic():
+    """λₑ = 0 with more edits than key dimensions is refused before any value optimisation; a
+    solve that fails later (a non-finite key) names its batch and layer and changes nothing."""
+    syn = Synthetic()
     model = make_tiny_llama(intermediate=24)
-    ed = _tiny_editor(model, lam_e=0.0)
+    ed = _tiny_editor(model, syn, lam_e=0.0)
     before = _weights(ed)
-    with pytest.raises(ValueError, match=r"batch 0, layer 1: .*lam_e > 0"):
+    with pytest.raises(ValueError, match=r"lam_e=0 needs at most d=24 edits.*set lam_e > 0"):
         ed.edit(_requests(30))
+    assert syn.calls["values"] == []  # refused before the expensive part
     _assert_same(_weights(ed), before)
     ed.hparams = ed.hparams.replace(lam_e=0.1)
+    real_keys = syn.keys
+    syn.keys = lambda d, reqs, layer: real_keys(d, reqs, layer).index_fill_(0, torch.tensor([2]), float("nan"))
+    with pytest.raises(ValueError, match=r"batch 0, layer 1: K has 30 non-finite"):
+        ed.edit(_requests(30))
+    _assert_same(_weights(ed), before)
+    syn.keys = real_keys
     ed.edit(_requests(30))
     assert ed.n_edits == 30
 
 
 def test_keep_prior_edits_grows_the_preservation_term(monkeypatch):
-    Synthetic().install(monkeypatch)
+    syn = Synthetic()
     model = make_tiny_llama()
-    ed = _tiny_editor(model, keep_prior_edits=True, lam=2.0)
+    ed = _tiny_editor(model, syn, keep_prior_edits=True, lam=2.0)
     reqs = _requests(3)
     ed.edit(reqs)
-    K = Editor._keys(ed, reqs, 1, None)
-    want = 2.0 * _spd(model.config.intermediate_size, seed=1) + K @ K.T
-    got = ed._factors[1].matrix()
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    K = syn.keys(model.config.intermediate_size, reqs, 1)
+    C = 2.0 * _spd(model.config.intermediate_size, seed=1)
+    torch.testing.assert_close(ed.preservation(1).matrix(), C + K @ K.T, rtol=1e-12, atol=1e-12)
     ed.restore()
-    assert ed._factors[1] is ed._base_factors[1]
+    torch.testing.assert_close(ed.preservation(1).matrix(), C, rtol=1e-12, atol=1e-12)
 
 
 def test_memit_spreads_the_residual(monkeypatch):
     """With two layers, layer i gets R/(L−i): the first half of the residual, then the rest."""
-    import pmedit.editor as editor_mod
-
-    Synthetic().install(monkeypatch)
+    syn = Synthetic()
     seen = []
-    real = editor_mod.pm_delta
-
-    def spy(method, R, K, C, **k):
-        seen.append(R.clone())
-        return real(method, R, K, C, **k)
-
-    monkeypatch.setattr(editor_mod, "pm_delta", spy)
+    syn.on_solve = lambda R, K, delta: seen.append(R.clone()) or delta
     model = make_tiny_llama()
-    ed = _tiny_editor(model, method="memit", layers=(1, 2))
+    ed = _tiny_editor(model, syn, method="memit", layers=(1, 2))
     ed.edit(_requests(3))
     # synthetic h does not move, so layer 1 gets (z−h)/2 and layer 2 all of (z−h)
     torch.testing.assert_close(seen[1], 2 * seen[0], rtol=0, atol=0)
@@ -274,9 +283,9 @@ def test_memit_spreads_the_residual(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_save_load_deltas_bit_exact(monkeypatch, tmp_path, dtype):
-    Synthetic().install(monkeypatch)
+    syn = Synthetic()
     model = make_tiny_llama(seed=1).to(dtype)
-    ed = _tiny_editor(model, method="memit", layers=(0, 2))
+    ed = _tiny_editor(model, syn, method="memit", layers=(0, 2))
     ed.edit(_requests(4), batch_size=3)
     edited = {k: v.clone() for k, v in model.state_dict().items()}
     path = ed.save_deltas(tmp_path / "d.safetensors")
@@ -294,8 +303,8 @@ def test_save_load_deltas_bit_exact(monkeypatch, tmp_path, dtype):
 
 
 def test_load_deltas_refuses_other_models(monkeypatch, tmp_path):
-    Synthetic().install(monkeypatch)
-    ed = _tiny_editor(make_tiny_llama(seed=1))
+    syn = Synthetic()
+    ed = _tiny_editor(make_tiny_llama(seed=1), syn)
     ed.edit(_requests(2))
     path = ed.save_deltas(tmp_path / "d.safetensors")
     other = make_tiny_llama(seed=2)
@@ -354,9 +363,9 @@ def smol(smollm2):
         assert torch.equal(spec.down_proj(model, i).weight, w), f"test left layer {i} edited"
 
 
-def _smol_editor(model, tok, stats_dir, method="emmet", layers=(4,), **changes):
+def _smol_editor(model, tok, stats_dir, method="emmet", layers=(4,), context_class=EditContext, **changes):
     hp = EditHparams.preset("smollm2", method=method, layers=list(layers), **{**FAST, **changes})
-    return Editor(model, tok, hparams=hp, cache_dir=stats_dir, progress=False)
+    return Editor(model, tok, hparams=hp, cache_dir=stats_dir, progress=False, context_class=context_class)
 
 
 def _completions(model, tok, reqs, n=4):
@@ -398,19 +407,17 @@ def test_four_edits_reach_target(smol, stats_dir, method, layers):
 
 def test_emmet_lambda_e_zero_meets_constraints(smol, stats_dir, monkeypatch):
     """(W₀+Δ)K = V = W₀K + R to 1e-6 relative with λₑ = 0 (EMMET's equality constraints)."""
-    import pmedit.editor as editor_mod
     from pmedit.examples import example_requests
 
     model, tok = smol
     seen = []
-    real = editor_mod.pm_delta
 
-    def spy(method, R, K, C, **k):
-        seen.append((R.clone(), K.clone()))
-        return real(method, R, K, C, **k)
+    class Spy(EditContext):
+        def solve(self, R, K, layer, *, ridge):
+            seen.append((R.clone(), K.clone()))
+            return super().solve(R, K, layer, ridge=ridge)
 
-    monkeypatch.setattr(editor_mod, "pm_delta", spy)
-    ed = _smol_editor(model, tok, stats_dir, lam_e=0.0, steps=2)
+    ed = _smol_editor(model, tok, stats_dir, lam_e=0.0, steps=2, context_class=Spy)
     W0 = ed._weight(4).detach().double().clone()
     try:
         ed.edit(example_requests(4))
@@ -460,19 +467,15 @@ def test_nan_and_interrupt_on_smollm2(smol, stats_dir, monkeypatch):
     _assert_same(_weights(ed), before)
     monkeypatch.setattr(values_mod, "optimize_values", real)
 
-    real_write = Editor._write
+    class Interrupted(EditContext):
+        def write(self, layer, delta):
+            if layer == 4:  # layer 3 is already written when layer 4's write is interrupted
+                raise KeyboardInterrupt
+            super().write(layer, delta)
 
-    def interrupted(self, layer, new):
-        if layer == 4:  # layer 3 is already written when layer 4's write is interrupted
-            raise KeyboardInterrupt
-        real_write(self, layer, new)
-
-    monkeypatch.setattr(Editor, "_write", interrupted)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            ed.edit(example_requests(2))
-    finally:
-        monkeypatch.setattr(Editor, "_write", real_write)
+    ed.context_class = Interrupted
+    with pytest.raises(KeyboardInterrupt):
+        ed.edit(example_requests(2))
     _assert_same(_weights(ed), before)
     assert ed.n_edits == 0
 

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from pmkernels.solve import NotSPDError, SPDFactor, pm_delta, rank_update
+from pmkernels.solve import NotSPDError, SPDFactor, pm_delta, rank_one_delta, rank_update
 
 F64 = torch.float64
 U = torch.finfo(F64).eps
@@ -182,6 +182,13 @@ def test_rank_update_rejects_bad_keys():
 
 
 # ------------------------------------------------------------------------------- pm_delta
+def delta(method, R, K, C, *, lam_e=0.0, **kw):
+    """Each method's ridge, as pmedit.methods passes it: EMMET λₑ, MEMIT 1, ROME the rank-one form."""
+    if method == "rome":
+        return rank_one_delta(R, K, C, **kw)
+    return pm_delta(R, K, C, ridge=1.0 if method == "memit" else lam_e, **kw)
+
+
 def ref_emmet(R, K, C, lam_e):
     """The research code's formula: explicit fp64 inverses."""
     Ci = torch.inverse(C)
@@ -212,7 +219,7 @@ def problem(d, d_out, E, cond, seed=0):
 def test_emmet_matches_explicit_formula(d, E, lam_e, cond):
     C0, W0, K, V, R = problem(d, 11, E, cond)
     lam = 1.7
-    res = pm_delta("emmet", R, K, C0, lam=lam, lam_e=lam_e)
+    res = delta("emmet", R, K, C0, lam=lam, lam_e=lam_e)
     ref = ref_emmet(R, K, lam * C0, lam_e)
     assert res.route == ("keys" if E <= d else "dual")
     # Both sides carry error ~κ(C)·κ(D)·u; D is modest here (random keys), κ(C) is the driver.
@@ -233,7 +240,7 @@ def test_emmet_matches_explicit_formula(d, E, lam_e, cond):
 @pytest.mark.parametrize("cond", [1e2, 1e8, 1e12])
 def test_emmet_equality_constraints_hold(d, E, cond):
     C0, W0, K, V, R = problem(d, 13, E, cond, seed=4)
-    res = pm_delta("emmet", R, K, C0, lam_e=0.0)
+    res = delta("emmet", R, K, C0, lam_e=0.0)
     achieved = float(((W0 + res.delta) @ K - V).norm() / V.norm())
     # Δ = (C⁻¹K)(D⁻¹Rᵀ) is a product of two factors that grow with κ(C) and κ(D) while Δ
     # itself stays moderate, so fp64 rounding leaves a floor of ~u·‖C⁻¹K‖‖D⁻¹Rᵀ‖‖K‖/‖V‖ on the
@@ -253,7 +260,7 @@ def test_emmet_equality_constraints_hold(d, E, cond):
 def test_memit_gradient_vanishes(d, E, route, cond):
     C0, W0, K, V, R = problem(d, 12, E, cond, seed=6)
     lam = 0.8
-    res = pm_delta("memit", R, K, C0, lam=lam, route=route)
+    res = delta("memit", R, K, C0, lam=lam, route=route)
     C = lam * C0
     # ∇_Δ [tr(ΔCΔᵀ) + ‖(W₀+Δ)K − V‖²] / 2 = ΔC + (ΔK − R)Kᵀ
     grad = res.delta @ C + (res.delta @ K - R) @ K.mT
@@ -265,8 +272,8 @@ def test_memit_gradient_vanishes(d, E, route, cond):
 @pytest.mark.parametrize("cond", [1e2, 1e8, 1e12])
 def test_one_edit_emmet_equals_rome(cond):
     C0, W0, K, V, R = problem(30, 8, 1, cond, seed=9)
-    rome = pm_delta("rome", R, K, C0, lam=2.0)
-    emmet = pm_delta("emmet", R, K, C0, lam=2.0, lam_e=0.0)
+    rome = delta("rome", R, K, C0, lam=2.0)
+    emmet = delta("emmet", R, K, C0, lam=2.0, lam_e=0.0)
     assert rel(emmet.delta, rome.delta) < 1e-12
     assert rel(rome.delta, ref_rome(R, K, 2.0 * C0)) < 1e-13 * cond
 
@@ -277,19 +284,19 @@ def test_factor_reuse_and_rank_updated_preservation():
     lam = 1.3
     fac = SPDFactor(lam * C0)
     for method, le in (("emmet", 0.0), ("emmet", 0.5), ("memit", 0.0)):
-        a = pm_delta(method, R, K, fac, lam_e=le)
-        b = pm_delta(method, R, K, C0, lam=lam, lam_e=le)
+        a = delta(method, R, K, fac, lam_e=le)
+        b = delta(method, R, K, C0, lam=lam, lam_e=le)
         assert rel(a.delta, b.delta) < 1e-12
     # Sequential editing: earlier keys K1 join the preservation term.
     K1 = rnd(d, 4, seed=40)
     fac2 = rank_update(fac, K1)
-    a = pm_delta("emmet", R, K, fac2, lam_e=0.1)
+    a = delta("emmet", R, K, fac2, lam_e=0.1)
     ref = ref_emmet(R, K, lam * C0 + K1 @ K1.mT, 0.1)
     assert rel(a.delta, ref) < 1e-8
     # The dual route and fp32 refinement need the matrix, which the factor keeps.
     K2 = rnd(d, 50, seed=41)
     R2 = rnd(10, 50, seed=42)
-    dual = pm_delta("emmet", R2, K2, fac2, lam_e=0.7)
+    dual = delta("emmet", R2, K2, fac2, lam_e=0.7)
     assert dual.route == "dual"
     assert rel(dual.delta, ref_emmet(R2, K2, lam * C0 + K1 @ K1.mT, 0.7)) < 1e-8
 
@@ -298,8 +305,8 @@ def test_factor_reuse_and_rank_updated_preservation():
                                             ("emmet", 70, 0.4), ("rome", 1, 0.0)])
 def test_fp32_refinement_reaches_fp64(method, E, lam_e, caplog):
     C0, W0, K, V, R = problem(40, 9, E, 1e3, seed=14)
-    r64 = pm_delta(method, R, K, C0, lam_e=lam_e)
-    r32 = pm_delta(method, R, K, C0, lam_e=lam_e, precision="fp32")
+    r64 = delta(method, R, K, C0, lam_e=lam_e)
+    r32 = delta(method, R, K, C0, lam_e=lam_e, precision="fp32")
     assert r32.precision == "fp32" and r32.refine_steps >= 1
     # κ(C)·u32 = 1e3·6e-8 ≪ 1, so refinement converges to fp64 accuracy.
     assert rel(r32.delta, r64.delta) < 1e-11
@@ -309,8 +316,8 @@ def test_fp32_refinement_reaches_fp64(method, E, lam_e, caplog):
 def test_fp32_refinement_reports_stagnation_honestly(caplog):
     C0, W0, K, V, R = problem(40, 9, 6, 1e10, seed=15)  # κ(C)·u32 ≫ 1: fp32 cannot converge
     with caplog.at_level(logging.WARNING, logger="pmkernels.solve"):
-        r32 = pm_delta("emmet", R, K, C0, precision="fp32")
-    r64 = pm_delta("emmet", R, K, C0)
+        r32 = delta("emmet", R, K, C0, precision="fp32")
+    r64 = delta("emmet", R, K, C0)
     # The constraints can look far better than Δ is (D is built from the same inexact Z), so
     # the refined solve's residual must show up in the figure, and it does, with a warning.
     assert r32.residual == max(r32.extra["c_solve_residual"], r32.extra["constraint_residual"])
@@ -321,33 +328,33 @@ def test_fp32_refinement_reports_stagnation_honestly(caplog):
 
 def test_emmet_needs_lam_e_when_e_exceeds_d():
     C0, W0, K, V, R = problem(10, 4, 12, 10.0)
-    with pytest.raises(ValueError, match=r"E=12 edits > d=10.*singular.*lam_e > 0"):
-        pm_delta("emmet", R, K, C0, lam_e=0.0)
+    with pytest.raises(ValueError, match=r"E=12 edits > d=10 with ridge=0.*singular.*ridge > 0"):
+        delta("emmet", R, K, C0, lam_e=0.0)
 
 
 def test_empty_edit_batch():
     C0 = make_spd(5, 10.0)
-    res = pm_delta("emmet", torch.zeros(3, 0, dtype=F64), torch.zeros(5, 0, dtype=F64), C0)
+    res = delta("emmet", torch.zeros(3, 0, dtype=F64), torch.zeros(5, 0, dtype=F64), C0)
     assert res.delta.shape == (3, 5) and not res.delta.any()
 
 
 def test_fp32_inputs_are_upcast():
     C0, W0, K, V, R = problem(20, 5, 4, 10.0)
-    a = pm_delta("emmet", R.float(), K.float(), C0.float())
-    b = pm_delta("emmet", R.float().double(), K.float().double(), C0.float().double())
+    a = delta("emmet", R.float(), K.float(), C0.float())
+    b = delta("emmet", R.float().double(), K.float().double(), C0.float().double())
     assert a.delta.dtype == F64 and rel(a.delta, b.delta) < 1e-12
 
 
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(method="fine-tune"), "unknown method"),
         (dict(R=torch.ones(3, 5, dtype=F64)), r"R is \[d_out=3, E=5\] but K is \[d=6, E=2\]"),
         (dict(K=torch.ones(5, 2, dtype=F64)), "K has d=5 rows but C is"),
         (dict(C=torch.ones(6, 5, dtype=F64)), "square"),
-        (dict(method="rome"), "ROME edits one fact"),
+        (dict(method="rome"), "one edit at a time"),
         (dict(lam=0.0), "lam must be a positive"),
-        (dict(lam_e=-1.0), "lam_e must be"),
+        (dict(lam_e=-1.0), "ridge must be"),
+        (dict(lam_e=float("nan")), "ridge must be"),
         (dict(precision="bf16"), "precision"),
         (dict(K=torch.full((6, 2), float("nan"), dtype=F64)), "K has 12 non-finite"),
         (dict(R=torch.ones(3, 2, 1, dtype=F64)), "R must be 2-D"),
@@ -357,7 +364,7 @@ def test_pm_delta_rejects_bad_input(kwargs, match):
     args = dict(method="emmet", R=torch.ones(3, 2, dtype=F64), K=rnd(6, 2), C=make_spd(6, 10.0))
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
-        pm_delta(args.pop("method"), args.pop("R"), args.pop("K"), args.pop("C"), **args)
+        delta(args.pop("method"), args.pop("R"), args.pop("K"), args.pop("C"), **args)
 
 
 def test_duplicate_keys_need_inner_jitter(caplog):
@@ -365,7 +372,7 @@ def test_duplicate_keys_need_inner_jitter(caplog):
     K = torch.cat([K, K[:, :1]], dim=1)  # a repeated key makes KᵀC⁻¹K singular
     R = torch.cat([R, R[:, :1]], dim=1)  # ... but consistent, so the constraints can still hold
     with caplog.at_level(logging.WARNING, logger="pmkernels.solve"):
-        res = pm_delta("emmet", R, K, C0)
+        res = delta("emmet", R, K, C0)
     assert res.inner_jitter > 0 and "linearly dependent" in caplog.text
     assert float(((res.delta @ K - R).norm() / R.norm())) < 1e-6
 
@@ -374,11 +381,11 @@ def test_fp32_refinement_needs_the_matrix():
     C0, W0, K, V, R = problem(12, 3, 2, 10.0)
     fac = SPDFactor(C0, keep_matrix=False)
     with pytest.raises(ValueError, match="keep_matrix=False"):
-        pm_delta("emmet", R, K, fac, precision="fp32")
+        delta("emmet", R, K, fac, precision="fp32")
     with pytest.raises(RuntimeError, match="not kept"):
         fac.matmul(K)
     with pytest.raises(ValueError, match="lam=2.0 given with an SPDFactor"):
-        pm_delta("emmet", R, K, fac, lam=2.0)
+        delta("emmet", R, K, fac, lam=2.0)
     assert rel(fac.matrix(), C0) < 1e-14  # rebuilt from L Lᵀ instead
 
 

@@ -78,11 +78,11 @@ def _emmet_case(d, d_out, E, lam_e, device, *, repeats, with_fp32=True) -> list[
     fac = SPDFactor(lam * C0)
     fns = {
         "reference inv() fp64": lambda: _reference_emmet(R, K, lam * C0, lam_e),
-        "pm_delta fp64": lambda: pm_delta("emmet", R, K, C0, lam=lam, lam_e=lam_e),
-        "pm_delta fp64, C factored once": lambda: pm_delta("emmet", R, K, fac, lam_e=lam_e),
+        "pm_delta fp64": lambda: pm_delta(R, K, C0, lam=lam, ridge=lam_e),
+        "pm_delta fp64, C factored once": lambda: pm_delta(R, K, fac, ridge=lam_e),
     }
     if with_fp32:
-        fns["pm_delta fp32+refine"] = lambda: pm_delta("emmet", R, K, C0, lam=lam, lam_e=lam_e, precision="fp32")
+        fns["pm_delta fp32+refine"] = lambda: pm_delta(R, K, C0, lam=lam, ridge=lam_e, precision="fp32")
     truth = _accurate_emmet(R, K, lam * C0, lam_e)
     ref_err = float((ref - truth).norm() / truth.norm())
     agreement, accuracy, route = {}, {}, None

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from pathlib import Path
+
+from pmedit.methods import method_names
 
 HELP = "edit facts in a model and show greedy completions before/after"
 
@@ -24,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="model name or path (.gguf, local dir, hub id); default: embedded SmolLM2-135M-Instruct")
     p.add_argument("--dtype", default="fp32", help="model dtype: fp32, bf16 or fp16 (default fp32)")
-    p.add_argument("--method", choices=("rome", "memit", "emmet"), default=None,
+    p.add_argument("--method", choices=method_names(), default=None,
                    help="editing method (default: from the preset/hparams, emmet)")
     p.add_argument("--layers", type=_int_list, default=None, help="comma-separated layers to edit, e.g. 4 or 3,4,5")
     p.add_argument("--batch-size", type=int, default=None,
@@ -56,12 +57,15 @@ def read_requests(path: Path) -> list:
     from pmedit.requests import normalize_requests
 
     if not path.is_file():
-        raise ValueError(f"requests file {str(path)!r} does not exist")
+        raise FileNotFoundError(f"requests file {str(path)!r} does not exist")
     items = read_json_records(path, allow_single=True)
     try:
-        return normalize_requests(items)
+        reqs = normalize_requests(items)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
+    if not reqs:
+        raise ValueError(f"{path}: holds no requests")
+    return reqs
 
 
 def _hparams(args):
@@ -109,41 +113,56 @@ def _one_line(text: str, width: int = 48) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _check_writable_target(path: Path, what: str) -> None:
+    """Fail now, not after the edits ran, when ``path`` cannot be written."""
+    import tempfile
+
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {str(path)!r} is a directory; give a file name")
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise OSError(f"{what} {str(path)!r}: cannot write in {str(parent)!r} ({e.strerror or e})") from None
+
+
 def run(args) -> int:
     from pmedit.editor import Editor
     from pmedit.examples import example_requests
-    from pmedit.models import load_model
+    from pmedit.models import check_finite, load_model, resolve_dtype
 
-    try:
-        hp = _hparams(args)
-        reqs = read_requests(args.file) if args.file is not None else example_requests()
-        if args.limit is not None:
-            if args.limit < 1:
-                raise ValueError(f"--limit must be >= 1, got {args.limit}")
-            reqs = reqs[: args.limit]
-        if args.max_new_tokens < 1:
-            raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    except ValueError as e:
-        print(f"pmedit edit: error: {e}", file=sys.stderr)
-        return 2
+    # Everything that can be checked without the model is checked before it loads; failures
+    # end in pmedit.cli as one line naming the culprit, exit code 2.
+    dtype = resolve_dtype(args.dtype)
+    hp = _hparams(args)
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    reqs = read_requests(args.file) if args.file is not None else example_requests()
+    if args.limit is not None:
+        reqs = reqs[: args.limit]
+    if args.save_deltas is not None:
+        _check_writable_target(args.save_deltas, "--save-deltas")
 
     t0 = time.perf_counter()
-    model, tok = load_model(args.model, dtype=args.dtype)
+    model, tok = load_model(args.model, dtype=dtype)
+    check_finite(model)  # an inf in a weight would surface as a sampling error, far from its cause
     print(f"model loaded in {time.perf_counter() - t0:.1f}s; {hp.method} on layer(s) {list(hp.layers)}, "
           f"{len(reqs)} edit(s), {hp.steps} value steps")
     prompts = [r.filled_prompt for r in reqs]
     before = greedy_completions(model, tok, prompts, args.max_new_tokens)
 
-    try:
-        editor = Editor(model, tok, hparams=hp, progress=not args.no_progress)
-        t1 = time.perf_counter()
-        editor.prepare()  # C0 statistics (collected on the first run, then read from the cache)
-        prep_s = time.perf_counter() - t1
-        t1 = time.perf_counter()
-        report = editor.edit(reqs, batch_size=args.batch_size)
-    except ValueError as e:
-        print(f"pmedit edit: error: {e}", file=sys.stderr)
-        return 2
+    editor = Editor(model, tok, hparams=hp, progress=not args.no_progress)
+    t1 = time.perf_counter()
+    editor.prepare()  # C0 statistics (collected on the first run, then read from the cache)
+    prep_s = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    report = editor.edit(reqs, batch_size=args.batch_size)
     edit_s = time.perf_counter() - t1
     after = greedy_completions(model, tok, prompts, args.max_new_tokens)
 

@@ -108,6 +108,13 @@ class ExperimentConfig:
         for k in ("layers", "method"):
             if k in self.hparams:
                 raise ValueError(f"experiment config field 'hparams': set {k!r} with the experiment's own field, not here")
+        from pmedit.hparams import EditHparams
+
+        valid = set().union(*({f.name for f in fields(EditHparams.for_method(m))} for m in self.methods))
+        unknown = sorted(k for k in self.hparams if k not in valid)
+        if unknown:
+            raise ValueError(f"experiment config field 'hparams': unknown key(s) {unknown} for methods "
+                             f"{list(self.methods)}; valid keys are: {', '.join(sorted(valid))}")
 
     # -----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -128,9 +135,13 @@ class ExperimentConfig:
         return _build(cls, data, str(path))
 
     def edit_hparams(self, method: str, **changes: Any):
+        """The EditHparams of ``method`` in this run: the preset, then ``hparams`` (the fields
+        this method has: a config for several methods may set one method's own field, e.g.
+        EMMET's lam_e, and it applies to that method only), then ``changes``."""
         from pmedit.hparams import EditHparams
 
-        base = dict(self.hparams)
+        own = {f.name for f in fields(EditHparams.for_method(method))}
+        base = {k: v for k, v in self.hparams.items() if k in own}
         base.update(changes)
         base["method"] = method
         base["layers"] = [self.layers[0]]

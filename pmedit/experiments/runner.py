@@ -4,17 +4,18 @@ A run is planned as an ordered list of units (one singular-edit chunk of one lay
 size, one batch of a sequence, one λ); each unit's result is stored in the run directory as it
 finishes, so an interrupted run resumes at the next unit. Sequential-batch editing carries
 state between units (the weights edited so far): after each batch the Editor's deltas are
-checkpointed as safetensors, and a resumed sequence reloads them onto an Editor prepared on
-the unedited model, which reproduces the uninterrupted run exactly (deltas are stored in twice
-the weight precision, so W₀ + Δ rounds back to the edited weights bit for bit).
+checkpointed (``Editor.save_deltas``, named by their edit count), and a resumed sequence
+continues from them with ``Editor.load_deltas``, which reproduces the uninterrupted run exactly
+(deltas files are bit-exact and carry kept keys and method state). A checkpoint is removed only
+once the run state records a later one, so a kill between the two writes loses nothing.
 
 - ``layer-sweep``: each record edited alone on each layer (singular edits; each delta is rank
-  one and is evaluated through a per-row hook, see :class:`pmedit.evaluate.RankOneEdits`).
+  one and is evaluated through a per-row hook, see :class:`pmedit.evaluation.hooks.RankOneEdits`).
 - ``batch``: the first B records in one batch, scored on those B, for each B.
 - ``sequential-batch``: all ``total_edits`` records in sequential batches of B, scored after
   the batches that reach an ``eval_points`` count (and at the end) on all edits so far.
-- ``lambda-sweep``: one batch with MEMIT's λ (``lam``) or EMMET's λₑ (``lam_e``) set to each
-  value (ROME takes ``lam``).
+- ``lambda-sweep``: one batch with the method's ``sweep_field`` (MEMIT's and ROME's ``lam``,
+  EMMET's ``lam_e``; see pmedit.methods) set to each value.
 """
 from __future__ import annotations
 
@@ -29,11 +30,12 @@ import torch
 from tqdm.auto import tqdm
 
 from pmedit.data import load_counterfact, select
-from pmedit.evaluate import RankOneEdits, evaluate_counterfact, load_heldout_text, perplexity, rank_one_factors
+from pmedit.evaluation import RankOneEdits, evaluate_counterfact, load_heldout_text, perplexity, rank_one_factors
 from pmedit.experiments.config import ExperimentConfig
 from pmedit.experiments.store import RunStore, write_csv
 from pmedit.fileio import atomic_write_json, machine_info
-from pmedit.metrics import RecordScores, summarize
+from pmedit.methods import get_method
+from pmedit.evaluation.metrics import RecordScores, summarize
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +97,14 @@ class _Runner:
     def editor(self, method: str, layer: int, **hp_changes):
         from pmedit.editor import Editor
 
-        hp = self.cfg.edit_hparams(method, **hp_changes).replace(layers=[layer])
-        sm = None
-        if self.second_moments is not None:
-            sm = {layer: self.second_moments[layer]}
-        return Editor(self.model, self.tok, hparams=hp, second_moments=sm, progress=False)
+        return Editor(self.model, self.tok, hparams=self.hparams(method, layer, **hp_changes),
+                      second_moments=self._c0(layer), progress=False)
+
+    def hparams(self, method: str, layer: int, **hp_changes):
+        return self.cfg.edit_hparams(method, **hp_changes).replace(layers=[layer])
+
+    def _c0(self, layer: int):
+        return None if self.second_moments is None else {layer: self.second_moments[layer]}
 
     def evaluate(self, records, *, edits=None, with_ppl=True) -> dict:
         e = self.cfg.eval
@@ -162,20 +167,15 @@ class _Runner:
         return out
 
     def _lambda(self, u: Unit) -> dict:
-        field = "lam_e" if u.method == "emmet" else "lam"
-        return self._batch(u, **{field: u.lam})
+        return self._batch(u, **{get_method(u.method).sweep_field: u.lam})
 
     def _seq(self, u: Unit) -> dict:
         name = f"{u.method}_S{u.batch_size}"
-        ckpt = self.store.checkpoint_path(name)
+        b = u.batch_size
         if self._open_seq is None or self._open_seq[0] != name:
             self._close_seq()
-            ed = self.editor(u.method, u.layer)
-            if u.index > 0:
-                self._resume_seq(ed, ckpt, u)
-            self._open_seq = (name, ed)
+            self._open_seq = (name, self._start_seq(name, u))
         ed = self._open_seq[1]
-        b = u.batch_size
         t0 = time.perf_counter()
         ed.edit(self.requests[u.index * b : (u.index + 1) * b], batch_size=b)
         edit_s = time.perf_counter() - t0
@@ -183,46 +183,44 @@ class _Runner:
         out: dict[str, Any] = {"n_edits": done, "edit_seconds": edit_s}
         if done in _seq_eval_counts(self.cfg, b):
             out.update(self.evaluate(self.records[:done]))
-        if done < self.cfg.total_edits:
-            self._save_seq(ed, ckpt, done)
-        else:
+        last = done >= self.cfg.total_edits
+        if last:
             self._close_seq()
-            ckpt.unlink(missing_ok=True)
+        else:
+            ed.save_deltas(self._ckpt(name, done))
+        # The state records this unit after we return; until then the checkpoint it resumes
+        # from (u.index·b edits) must stay, so only older ones go (all of them at the end).
+        self._remove_ckpts(name, keep=lambda n: not last and n >= u.index * b)
         return out
 
-    def _save_seq(self, ed, path: Path, done: int) -> None:
-        from safetensors.torch import save_file
+    def _ckpt(self, name: str, n_edits: int) -> Path:
+        return self.store.checkpoint_path(f"{name}.{n_edits}")
 
-        tensors = {f"delta.{layer}": d.contiguous() for layer, d in ed.deltas().items()}
-        tmp = path.with_name(f".{path.name}.tmp")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp), metadata={"n_edits": str(done)})
-        tmp.replace(path)
+    def _remove_ckpts(self, name: str, keep) -> None:
+        for p in self._ckpt(name, 0).parent.glob(f"{name}.*.safetensors"):
+            n = p.name[len(name) + 1:-len(".safetensors")]
+            if n.isdigit() and not keep(int(n)):
+                p.unlink(missing_ok=True)
 
-    def _resume_seq(self, ed, path: Path, u: Unit) -> None:
-        from safetensors import safe_open
+    def _start_seq(self, name: str, u: Unit):
+        """A fresh Editor for the first batch, else the Editor continued from the checkpoint
+        the run state expects (a later one, left by a kill before the state was written, is
+        ignored and replaced)."""
+        from pmedit.editor import Editor
 
+        if u.index == 0:
+            return self.editor(u.method, u.layer)
         want = u.index * u.batch_size
-        if ed.hparams.keep_prior_edits:
-            # C has absorbed the earlier batches' keys; weights alone cannot restore that state
-            raise RuntimeError(f"cannot resume {path.name} with keep_prior_edits=true; delete the run to restart it")
+        path = self._ckpt(name, want)
         if not path.is_file():
             raise RuntimeError(f"{path}: checkpoint of a sequence in progress is missing; delete the run to restart it")
-        with safe_open(str(path), framework="pt") as f:
-            got = int((f.metadata() or {}).get("n_edits", -1))
-            if got != want:
-                raise RuntimeError(f"{path}: checkpoint holds {got} edits, the run state expects {want}")
-            deltas = {layer: f.get_tensor(f"delta.{layer}") for layer in ed.layers}
-        # Statistics and templates must come from the unedited model: the Editor computes them
-        # on first use, so it is prepared before the saved deltas are written (the Editor has
-        # no public "continue from deltas" entry point; load_deltas+edit refuses by design).
-        ed._prepare()
-        with torch.no_grad():
-            for layer, d in deltas.items():
-                W = ed.spec.down_proj(self.model, layer).weight
-                W.copy_((ed._original[layer].to(d.dtype) + d).to(W.dtype))
-        ed.n_edits = want
-        log.info("resumed %s at %d edits", path.name, want)
+        ed = Editor.load_deltas(self.model, path, tokenizer=self.tok, hparams=self.hparams(u.method, u.layer),
+                                second_moments=self._c0(u.layer), progress=False)
+        if ed.n_edits != want:
+            ed.restore()
+            raise RuntimeError(f"{path}: checkpoint holds {ed.n_edits} edits, the run state expects {want}")
+        log.info("resumed %s at %d edits", name, want)
+        return ed
 
     def _close_seq(self) -> None:
         if self._open_seq is not None:
