@@ -15,14 +15,15 @@ gets those numbers right and cheaply:
   count, dtype) under ``$PMEDIT_CACHE/stats`` with JSON metadata and a SHA-256 checksum that
   are verified on every load; a file that fails (corrupt, or made for something else) is
   recomputed with a warning.
-- Long runs checkpoint their partial sums atomically every ``checkpoint_tokens`` tokens, at
-  batch boundaries. Every checkpoint also re-bases the accumulators on exactly what was saved,
-  so a run killed at any point and resumed reproduces the uninterrupted result bit for bit,
-  with no token lost or counted twice.
-- The ``*.npz`` files of the MEMIT/EasyEdit code (``mom2.mom2`` = Σ k kᵀ, ``mom2.count``) are
-  imported with ``np.load(allow_pickle=False)``.
+- Each batch's fp32 partial sum is flushed into the fp64 sum at the batch's end, so the result
+  depends only on which batches were summed: a run killed at any point and resumed from its
+  checkpoint (written atomically every ``checkpoint_tokens`` tokens, at batch boundaries)
+  reproduces the uninterrupted result bit for bit, and the ranks of a distributed run
+  (:mod:`pmedit.stats_distributed`) add up to it within fp64 rounding.
 
-Not here: the covariance kernels (pmkernels.covariance) or what the editor does with C0.
+Not here: the covariance kernels (pmkernels.covariance), several processes
+(pmedit.stats_distributed), bundles and MEMIT ``.npz`` files (pmedit.stats_bundle, re-exported
+here), or what the editor does with C0.
 """
 from __future__ import annotations
 
@@ -40,10 +41,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from pmedit.fileio import atomic_path, load_verified, remove_stale_temps, save_verified
+from pmedit.fileio import load_verified, remove_stale_temps, remove_stale_temps_in, save_verified
 from pmedit.corpus import Corpus, resolve_corpus
 from pmedit.hooks import Trace
 from pmedit.models import ModelSpec, cache_root
+from pmedit.stats_bundle import (  # noqa: F401
+    export_bundle, export_npz, import_bundle, import_npz, import_npz_to_cache, read_bundle)
 from pmedit.tokens import encode_documents, pad_batch, pad_id
 
 log = logging.getLogger(__name__)
@@ -206,17 +209,6 @@ def _verified_load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise ValueError(str(e).removeprefix(f"{path}: ")) from None
 
 
-def _rebase(sm) -> dict[str, torch.Tensor]:
-    """state_dict of ``sm``, and reload it so the accumulator holds exactly what was saved.
-
-    A resumed run starts from the saved fp64 sum with an empty fp32 chunk; doing the same in
-    the uninterrupted run keeps the two bit-identical.
-    """
-    state = sm.state_dict()
-    sm.load_state_dict(state)
-    return state
-
-
 def collect_second_moments(
     model: nn.Module,
     tokenizer,
@@ -250,7 +242,6 @@ def collect_second_moments(
     max_length = int(max_length or context_length(model, tokenizer))
     plan = plan_batches(tokenizer, corpus, max_tokens=max_tokens, batch_tokens=batch_tokens,
                         max_length=max_length, seed=seed)
-    names = {layer: spec.down_proj_name(layer) for layer in layers}
     sms = {}
     for layer in layers:
         dev = spec.down_proj(model, layer).weight.device
@@ -265,47 +256,77 @@ def collect_second_moments(
     if ckpt_path is not None and ckpt_path.exists():
         start, tokens_done = _resume(ckpt_path, ckpt_meta, sms, plan)
 
-    pad = pad_id(tokenizer)
-    device = _input_device(model)
     log.info("C0 statistics for layers %s: %d tokens from %s (%d documents) in %d batches%s", layers,
              plan.tokens, corpus.id, plan.documents, len(plan.batches),
              f", resuming at batch {start}" if start else "")
-    from tqdm.auto import tqdm
 
-    bar = tqdm(total=plan.tokens, initial=tokens_done, unit="tok", unit_scale=True, disable=not progress,
-               desc=f"C0 layers {layers[0]}..{layers[-1]}" if len(layers) > 1 else f"C0 layer {layers[0]}")
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), Trace(model, list(names.values()), retain_input=True, stop=True) as tr:
-            for b in range(start, len(plan.batches)):
-                ids, mask = pad_batch(plan.batches[b], pad, device)
-                tr.run(input_ids=ids, attention_mask=mask, use_cache=False)
-                keep = mask.bool()
-                for layer, name in names.items():
-                    x = tr.inputs[name]
-                    sms[layer].update(x, keep.to(x.device))
-                tr.inputs.clear()  # free the activations before the next batch
-                n = int(keep.sum())
-                before = tokens_done
-                tokens_done += n
-                bar.update(n)
-                last = b == len(plan.batches) - 1
-                if ckpt_path is not None and not last and tokens_done // checkpoint_tokens > before // checkpoint_tokens:
-                    _write_checkpoint(ckpt_path, ckpt_meta, sms, b + 1, tokens_done)
-    finally:
-        bar.close()
-        model.train(was_training)
+    def after_batch(b: int, before: int, done: int) -> None:
+        last = b == len(plan.batches) - 1
+        if ckpt_path is not None and not last and done // checkpoint_tokens > before // checkpoint_tokens:
+            _write_checkpoint(ckpt_path, ckpt_meta, sms, b + 1, done)
+
+    desc = f"C0 layers {layers[0]}..{layers[-1]}" if len(layers) > 1 else f"C0 layer {layers[0]}"
+    run_batches(model, tokenizer, spec, sms, plan.batches, range(start, len(plan.batches)), tokens_done=tokens_done,
+                total=plan.tokens, after_batch=after_batch, progress=progress, desc=desc)
     counts = {layer: sm.count for layer, sm in sms.items()}
     if any(c != plan.tokens for c in counts.values()):  # an accounting bug, never user input
         raise RuntimeError(f"token accounting mismatch: planned {plan.tokens}, counted {counts}")
     return sms
 
 
+def flush_batch(sms: dict) -> None:
+    """Move every accumulator's fp32 tile into its fp64 sum at a batch boundary.
+
+    Each batch then enters the fp64 sum as its own fp32 partial sum, so the result depends only
+    on which batches were summed, not on how they were spread over runs or processes:
+    ranks of a distributed run and a resumed run all match one uninterrupted process to fp64
+    rounding (≤ 1e-15 relative). The cost is one d×d add per batch. pmkernels.SecondMoment has
+    no public name for this yet, hence the private call.
+    """
+    for sm in sms.values():
+        sm._flush()
+
+
+def run_batches(model: nn.Module, tokenizer, spec: ModelSpec, sms: dict, batches: list[list[list[int]]],
+                indices: Iterable[int], *, tokens_done: int = 0, total: int | None = None, after_batch=None,
+                progress: bool = True, desc: str = "C0") -> int:
+    """One forward pass per batch ``batches[i]`` for i in ``indices``, stopping after the deepest
+    layer of ``sms`` ({layer: SecondMoment}); adds the real tokens' keys to each. Calls
+    ``after_batch(i, tokens_before, tokens_after)`` after each batch; returns the tokens done."""
+    from tqdm.auto import tqdm
+
+    names = {layer: spec.down_proj_name(layer) for layer in sms}
+    pad = pad_id(tokenizer)
+    device = _input_device(model)
+    bar = tqdm(total=total, initial=tokens_done, unit="tok", unit_scale=True, disable=not progress, desc=desc)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), Trace(model, list(names.values()), retain_input=True, stop=True) as tr:
+            for b in indices:
+                ids, mask = pad_batch(batches[b], pad, device)
+                tr.run(input_ids=ids, attention_mask=mask, use_cache=False)
+                keep = mask.bool()
+                for layer, name in names.items():
+                    x = tr.inputs[name]
+                    sms[layer].update(x, keep.to(x.device))
+                tr.inputs.clear()  # free the activations before the next batch
+                flush_batch(sms)
+                n = int(keep.sum())
+                before, tokens_done = tokens_done, tokens_done + n
+                bar.update(n)
+                if after_batch is not None:
+                    after_batch(b, before, tokens_done)
+    finally:
+        bar.close()
+        model.train(was_training)
+    return tokens_done
+
+
 def _write_checkpoint(path: Path, meta: dict, sms: dict, batches_done: int, tokens_done: int) -> None:
     tensors = {}
     for layer, sm in sms.items():
-        state = _rebase(sm)
+        state = sm.state_dict()  # batches are flushed, so this is exactly what a resumed run starts from
         tensors[f"{layer}.sum"] = state["sum"]
         tensors[f"{layer}.count"] = state["count"].reshape(1)
     _atomic_save(tensors, {**meta, "batches_done": batches_done, "tokens_done": tokens_done}, path)
@@ -422,6 +443,8 @@ def load_or_collect(
     out: dict[int, LayerStats] = {}
     missing = []
     keys = {layer: _key(spec, layer, corpus.id, max_tokens, seed, max_length) for layer in layers}
+    # temps of writers killed by SIGKILL (as large as the statistics), cache hit or not
+    remove_stale_temps_in(root / spec.fingerprint)
     for layer in layers:
         path = stats_path(root, keys[layer])
         if not path.exists():
@@ -453,71 +476,3 @@ def load_or_collect(
             out[layer] = read_layer_stats(path, keys[layer])
         ckpt.unlink(missing_ok=True)
     return {layer: out[layer] for layer in layers}
-
-
-# ----------------------------------------------------------------------------------------
-# MEMIT / EasyEdit npz files
-
-
-def import_npz(path: str | os.PathLike, *, dim: int | None = None) -> LayerStats:
-    """Read a MEMIT/EasyEdit ``*.npz`` stats file (``mom2.mom2`` = Σ k kᵀ, ``mom2.count``).
-
-    Loaded with ``allow_pickle=False``; their fp32 sum is symmetrised (its halves can differ by
-    rounding) and returned as fp64.
-    """
-    path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            keys = set(z.files)
-            missing = {"mom2.mom2", "mom2.count"} - keys
-            if missing:
-                raise ValueError(f"{path}: not a MEMIT stats file: missing {sorted(missing)} (has {sorted(keys)[:8]})")
-            mom2 = z["mom2.mom2"]
-            count_arr = z["mom2.count"]
-    except OSError as e:
-        raise OSError(f"cannot read stats file {str(path)!r}: {e}") from e
-    except ValueError as e:
-        if "pickle" in str(e).lower():
-            raise ValueError(f"{path}: holds object arrays that would need pickle; refusing to load it") from None
-        if str(e).startswith(str(path)):
-            raise
-        raise ValueError(f"{path}: not a readable .npz file ({e})") from None
-    if mom2.ndim != 2 or mom2.shape[0] != mom2.shape[1] or mom2.dtype.kind != "f":
-        raise ValueError(f"{path}: 'mom2.mom2' must be a square float matrix, got {mom2.dtype} {mom2.shape}")
-    if dim is not None and mom2.shape[0] != dim:
-        raise ValueError(f"{path}: 'mom2.mom2' is {mom2.shape[0]}x{mom2.shape[0]}, the layer needs {dim}x{dim}")
-    if count_arr.size != 1 or count_arr.dtype.kind not in "iuf":
-        raise ValueError(f"{path}: 'mom2.count' must be one number, got {count_arr.dtype} {count_arr.shape}")
-    count = int(count_arr.reshape(-1)[0])
-    if count < 1 or count != count_arr.reshape(-1)[0]:
-        raise ValueError(f"{path}: 'mom2.count' must be a positive integer, got {count_arr.reshape(-1)[0]}")
-    s = torch.from_numpy(np.ascontiguousarray(mom2)).to(torch.float64)
-    if not bool(torch.isfinite(s).all()):
-        raise ValueError(f"{path}: 'mom2.mom2' holds NaN or Inf")
-    s = (s + s.T) / 2
-    return LayerStats(mean=s / count, count=count, meta={"imported_from": str(path)}, path=path)
-
-
-def export_npz(stats: LayerStats, path: str | os.PathLike) -> None:
-    """Write ``stats`` in the MEMIT/EasyEdit layout (fp64 sum), atomically."""
-    with atomic_path(path, suffix=".npz") as tmp:
-        np.savez(tmp, **{"mom2.mom2": stats.sum.cpu().numpy(), "mom2.count": np.int64(stats.count),
-                         "mom2.constructor": np.str_("util.runningstats.SecondMoment()"),
-                         "constructor": np.str_("util.runningstats.CombinedStat()")})
-
-
-
-def import_npz_to_cache(model: nn.Module, tokenizer, layer: int, npz_path: str | os.PathLike, *,
-                        corpus="wiki-offline", max_tokens: int = 100_000, cache_dir=None, seed: int = 0,
-                        max_length: int | None = None) -> Path:
-    """Store an imported npz where ``load_or_collect`` with the same arguments will find it."""
-    spec = ModelSpec.from_model(model)
-    (layer,) = _normalize_layers(spec, [layer])
-    st = import_npz(npz_path, dim=spec.intermediate_size)
-    cid = resolve_corpus(corpus).id  # an hf: corpus is not downloaded just to name it
-    max_length = int(max_length or context_length(model, tokenizer))
-    key = _key(spec, layer, cid, max_tokens, seed, max_length)
-    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "stats"
-    path = stats_path(root, key)
-    save_layer_stats(path, key, st.sum, st.count, imported_from=str(npz_path))
-    return path
