@@ -158,11 +158,13 @@ class EditContext:
         self.report.seconds_keys += time.perf_counter() - t0
         return K
 
-    def values(self, reqs: list, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def values(self, reqs: list, layer: int, **options: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """(z, h) [E, hidden] fp64: optimised targets and current outputs of ``layer``.
 
         Optimised in chunks of ``value_batch_size`` to bound memory; per-edit losses and steps go
-        into the report; a non-finite target is an EditError naming the request.
+        into the report; a non-finite target is an EditError naming the request. ``options``
+        override or extend the keyword arguments given to ``optimize_values`` (a method with
+        its own stopping rule passes it here).
         """
         from pmedit.values import optimize_values
 
@@ -170,12 +172,11 @@ class EditContext:
         t0 = time.perf_counter()
         Zs, Hs = [], []
         for chunk in self._chunks(reqs, hp.value_batch_size, "values"):
-            res = optimize_values(
-                self.model, self.tokenizer, self.spec, layer, chunk, self.templates,
-                lr=hp.lr, steps=hp.steps, kl_factor=hp.kl_factor, weight_decay=hp.weight_decay,
-                clamp_norm_factor=hp.clamp_norm_factor, loss_stop=hp.loss_stop,
-                stop_on_argmax=hp.stop_on_argmax, batch_size=hp.value_batch_size,
-            )
+            kwargs = dict(lr=hp.lr, steps=hp.steps, kl_factor=hp.kl_factor, weight_decay=hp.weight_decay,
+                          clamp_norm_factor=hp.clamp_norm_factor, loss_stop=hp.loss_stop,
+                          stop_on_argmax=hp.stop_on_argmax, batch_size=hp.value_batch_size)
+            kwargs.update(options)
+            res = optimize_values(self.model, self.tokenizer, self.spec, layer, chunk, self.templates, **kwargs)
             z, h = res.z.detach(), res.h.detach()
             if tuple(z.shape) != (len(chunk), self.spec.hidden_size) or z.shape != h.shape:
                 raise EditError(f"optimize_values returned z {tuple(z.shape)}, h {tuple(h.shape)} for "
