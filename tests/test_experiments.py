@@ -117,7 +117,7 @@ def test_layer_sweep_scores_equal_editing_each_fact_alone(toy, tmp_path):
     evaluate that record on the edited weights, restore."""
     from pmedit.data import load_counterfact
     from pmedit.editor import Editor
-    from pmedit.evaluate import evaluate_counterfact
+    from pmedit.evaluation import evaluate_counterfact
 
     model, tok, data, c0 = toy
     cfg = _cfg(data, experiment="layer-sweep", layers=[1], total_edits=2, chunk_size=2, baseline=False)

@@ -1,4 +1,4 @@
-"""pmedit.metrics: ES/PS/NS/S and magnitudes from hand-fed NLLs, GE from hand-computed entropies."""
+"""pmedit.evaluation.metrics: ES/PS/NS/S and magnitudes from hand-fed NLLs, GE from hand-computed entropies."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.stats import hmean
 
-from pmedit.metrics import (
+from pmedit.evaluation.metrics import (
     PromptScores,
     generation_entropy,
     harmonic_mean,

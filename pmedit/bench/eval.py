@@ -3,7 +3,7 @@ a time, and singular-edit evaluation through per-row hooks against copying weigh
 
 "one prompt at a time" is the naive evaluation loop: one full-model forward per
 (prompt, target) pair, full logits, NLL from them. "batched" is
-:func:`pmedit.evaluate.evaluate_counterfact`: all pairs of all records in padded batches, one
+:func:`pmedit.evaluation.evaluate_counterfact`: all pairs of all records in padded batches, one
 forward each, each prompt packed once with both of its targets, the output embedding only at
 target positions. Both produce the same NLLs (the
 bench checks it) on the original-layout CounterFact records (1 rewrite + 2 paraphrase + 10
@@ -26,7 +26,7 @@ DATA = Path(os.environ.get("PMEDIT_SHARED_DATA", Path(__file__).resolve().parent
 
 def _naive_scores(model, tok, records):
     """The reference loop: one unpadded full-model forward per prompt and target."""
-    from pmedit.evaluate import prompt_ids, target_ids
+    from pmedit.evaluation import encode_pair
 
     out = []
     with torch.no_grad():
@@ -36,7 +36,7 @@ def _naive_scores(model, tok, records):
             for prompts, true in kinds:
                 for p in prompts:
                     for target in (rec.target_new, true):
-                        pi, ti = prompt_ids(tok, p), target_ids(tok, target)
+                        pi, ti = encode_pair(tok, p, target)
                         logits = model(torch.tensor([pi + ti])).logits[0]
                         logp = torch.log_softmax(logits[len(pi) - 1 : len(pi) + len(ti) - 1].float(), -1)
                         out.append(-logp[torch.arange(len(ti)), torch.tensor(ti)].mean().item())
@@ -45,7 +45,7 @@ def _naive_scores(model, tok, records):
 
 def run(quick: bool = False) -> list[Row]:
     from pmedit.data import load_counterfact
-    from pmedit.evaluate import RankOneEdits, evaluate_counterfact
+    from pmedit.evaluation import RankOneEdits, evaluate_counterfact
     from pmedit.models import load_model
 
     path = DATA / "counterfact" / "counterfact_original_500.json"

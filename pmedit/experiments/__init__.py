@@ -5,7 +5,7 @@ of units run through :func:`run_experiment`; results go to a run directory as JS
 PNG. The same code runs reduced (SmolLM2 on a CPU, tens of edits) and full scale (a Llama on a
 GPU, thousands); only the config changes.
 
-Not here: editing (:mod:`pmedit.editor`) and metrics (:mod:`pmedit.evaluate`).
+Not here: editing (:mod:`pmedit.editor`) and metrics (:mod:`pmedit.evaluation`).
 """
 from pmedit.experiments.config import EXPERIMENTS, EvalSettings, ExperimentConfig
 from pmedit.experiments.runner import plan, run_experiment

@@ -2,7 +2,7 @@
 defines them; pure arithmetic, no model.
 
 The model-side work (one forward pass per prompt+target, batched) is in
-:mod:`pmedit.evaluate`; keeping the arithmetic separate lets the tests feed NLLs in by hand
+:mod:`pmedit.evaluation.counterfact`; keeping the arithmetic separate lets the tests feed NLLs in by hand
 and check each definition exactly.
 
 Definitions (MEMIT ``compute_rewrite_quality_counterfact`` + ``summarize.py``), with

@@ -1,4 +1,4 @@
-"""pmedit.evaluate: batched target scoring against per-pair forward passes, known-answer
+"""pmedit.evaluation: batched target scoring against per-pair forward passes, known-answer
 records, per-row rank-one hooks against copying the weights per edit, generation and
 perplexity against plain references."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 
 from conftest import make_tiny_llama
 from pmedit.data import CounterFactRecord
-from pmedit.evaluate import (
+from pmedit.evaluation import (
     RankOneEdits,
     evaluate_counterfact,
     generate,
@@ -18,7 +18,7 @@ from pmedit.evaluate import (
     perplexity,
     rank_one_factors,
     score_targets,
-    target_ids,
+    encode_pair,
 )
 
 
@@ -142,7 +142,7 @@ def test_known_answers(smollm2):
 
 def test_target_tokenisation(smollm2):
     _, tok = smollm2
-    ids = target_ids(tok, "Paris")
+    _, ids = encode_pair(tok, "The capital of France is", "Paris")
     assert ids == tok(" Paris", add_special_tokens=False)["input_ids"]
     assert tok.bos_token_id not in ids
 
@@ -220,7 +220,7 @@ def test_entropy_measured_on_generation_prompts(smollm2):
     res = evaluate_counterfact(model, tok, [rec], progress=False, entropy=True, gen_length=20)
     (texts,) = res.texts.values()
     assert len(texts) == 2 and texts[0].startswith("France is a country where")
-    from pmedit.metrics import generation_entropy
+    from pmedit.evaluation.metrics import generation_entropy
 
     assert res.records[0].entropy == pytest.approx(generation_entropy(texts))
     assert res.summary["ge"] == pytest.approx(100 * generation_entropy(texts))
@@ -232,6 +232,8 @@ def test_perplexity_matches_hf_loss():
 
     class Tok:
         def __call__(self, text, add_special_tokens=True):
+            if isinstance(text, list):  # batched, as HF tokenizers take it
+                return {"input_ids": [self(t)["input_ids"] for t in text]}
             return {"input_ids": [ord(c) % 128 for c in text]}
 
     text = "hello world, this is a short text for perplexity"
