@@ -33,7 +33,7 @@ from pmedit.methods import EditContext, EditError, get_method
 from pmedit.methods.base import finite_or_error
 from pmedit.models import ModelSpec
 from pmedit.report import BatchReport, EditReport, relative
-from pmkernels.solve import SPDFactor, rank_update
+from pmkernels.spd import SPDFactor, rank_update
 
 log = logging.getLogger(__name__)
 

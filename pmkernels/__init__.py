@@ -7,6 +7,7 @@ package never imports transformers or pmedit.
 
 from pmkernels.batched_solve import batched_spd_solve
 from pmkernels.covariance import SecondMoment
-from pmkernels.solve import DeltaResult, NotSPDError, SPDFactor, pm_delta, rank_one_delta, rank_update
+from pmkernels.solve import DeltaResult, pm_delta, rank_one_delta
+from pmkernels.spd import NotSPDError, SPDFactor, rank_update
 
 __all__ = ["SecondMoment", "SPDFactor", "NotSPDError", "DeltaResult", "rank_update", "pm_delta", "rank_one_delta", "batched_spd_solve"]

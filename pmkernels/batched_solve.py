@@ -28,7 +28,7 @@ from types import ModuleType
 import torch
 
 from pmkernels._dispatch import select_backend
-from pmkernels.solve import NotSPDError, _lambda_min_bound
+from pmkernels.spd import NotSPDError, _lambda_min_bound
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from pmedit.hparams import EditHparams
-from pmkernels.solve import SPDFactor, pm_delta, rank_one_delta, rank_update
+from pmkernels.solve import pm_delta, rank_one_delta
+from pmkernels.spd import SPDFactor, rank_update
 
 if TYPE_CHECKING:
     from pmedit.report import BatchReport
