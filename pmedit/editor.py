@@ -251,7 +251,8 @@ class Editor:
         from pmedit.deltas import write_deltas
 
         meta = {"method": self.method, "layers": list(self.layers), "model_fingerprint": self.spec.fingerprint,
-                "model_type": self.spec.model_type, "n_edits": self.n_edits, "hparams": self.hparams.to_dict()}
+                "model_type": self.spec.model_type, "n_edits": self.n_edits, "hparams": self.hparams.to_dict(),
+                "templates": self._templates}
         with torch.no_grad():
             out = write_deltas(path, originals=self._original, current=self._weights_now(),
                                module_names=self.module_names, meta=meta, kept_keys=self._kept_keys,
@@ -261,15 +262,16 @@ class Editor:
 
     @classmethod
     def load_deltas(cls, model: torch.nn.Module, path: str | os.PathLike, *, tokenizer: Any = None,
-                    hparams: EditHparams | None = None, cache_dir: str | os.PathLike | None = None,
-                    second_moments: Mapping[int, torch.Tensor] | None = None, progress: bool = True) -> Editor:
+                    hparams: EditHparams | None = None, **options: Any) -> Editor:
         """Apply a deltas file to the unedited ``model`` and return the Editor that holds the edits.
 
         Everything is checked before anything is written: the payload hash, the fingerprint, every
         module's name, shape, dtype and the SHA-256 of its original matrix. ``restore()`` undoes
         the load. With a ``tokenizer`` the Editor can continue the sequence (``edit``);
         ``hparams``, if given, must equal the saved ones (continuing with other settings would
-        mix two experiments).
+        mix two experiments). ``options`` are the Editor's own keyword arguments (cache_dir,
+        second_moments, progress, templates, context_class); the saved templates are used unless
+        ``templates`` is given.
         """
         from pmedit.deltas import edited_weights, read_deltas
 
@@ -277,8 +279,8 @@ class Editor:
         saved = EditHparams.from_dict(f.meta["hparams"], source=f"{f.path} metadata 'hparams'")
         if hparams is not None and EditHparams.resolve(hparams).to_dict() != saved.to_dict():
             raise ValueError(f"{f.path}: saved with other hyperparameters than given: {saved.to_dict()}")
-        editor = cls(model, tokenizer, hparams=saved, cache_dir=cache_dir, second_moments=second_moments,
-                     progress=progress)
+        options.setdefault("templates", f.meta.get("templates"))
+        editor = cls(model, tokenizer, hparams=saved, **options)
         if editor.spec.fingerprint != f.meta["model_fingerprint"]:
             raise ValueError(f"{f.path}: saved from a model with fingerprint {f.meta['model_fingerprint']}, this "
                              f"model has {editor.spec.fingerprint} (another checkpoint or dtype, or already edited)")

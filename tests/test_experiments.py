@@ -201,3 +201,35 @@ def test_cli_end_to_end(smollm2, tmp_path, monkeypatch):
     assert (tmp_path / "run" / "batch.png").is_file()
     # the name on the command line must match the config
     assert main(["experiment", "layer-sweep", "--config", str(cpath), "--no-progress"]) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kill_between_checkpoint_and_state_resumes(toy, tmp_path, monkeypatch, dtype):
+    """A sequence interrupted after a batch's checkpoint is written but before the run state
+    records the unit resumes (from the checkpoint the state expects) to the uninterrupted result,
+    bit for bit also on a 16-bit model."""
+    from pmedit.experiments.store import RunStore
+
+    model, tok, data, c0 = toy
+    model = make_tiny_llama(vocab=len(tok), hidden=32, intermediate=48, layers=3, seed=0).to(dtype)
+    cfg = _cfg(data, experiment="sequential-batch", batch_sizes=[1], eval_points=[2], baseline=False)
+    full = run_experiment(cfg, model=model, tokenizer=tok, out_dir=tmp_path / "a", progress=False, second_moments=c0,
+                          plot=False)
+    real_put = RunStore.put
+
+    def killed_put(self, key, result):
+        if key == "memit/S1/batch1":  # its checkpoint (2 edits) is on disk, the state not yet
+            raise Stop(key)
+        real_put(self, key, result)
+
+    monkeypatch.setattr(RunStore, "put", killed_put)
+    with pytest.raises(Stop):
+        run_experiment(cfg, model=model, tokenizer=tok, out_dir=tmp_path / "b", progress=False, second_moments=c0,
+                       plot=False)
+    ckpts = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())
+    assert ckpts == ["memit_S1.1.safetensors", "memit_S1.2.safetensors"]
+    monkeypatch.setattr(RunStore, "put", real_put)
+    resumed = run_experiment(cfg, model=model, tokenizer=tok, out_dir=tmp_path / "b", progress=False,
+                             second_moments=c0, plot=False)
+    assert _metrics(resumed["rows"]) == _metrics(full["rows"])
+    assert not any((tmp_path / "b" / "checkpoints").iterdir())
