@@ -3,6 +3,12 @@
 Each command module defines ``HELP`` (one line), ``add_arguments(parser)`` and
 ``run(args) -> int``; modules are imported only when their command runs, so ``pmedit --help``
 does not import torch.
+
+Failures a user can act on (``ValueError``, ``OSError`` such as a missing file or a full or
+read-only disk, a missing optional package) end as one line on stderr,
+``pmedit CMD: error: ...``, naming the culprit, with exit code 2 (argparse's code for bad
+arguments); Ctrl-C ends with 130. ``-v`` adds the traceback to the debug log. Anything else is
+a bug in pmedit and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -37,4 +43,20 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+    try:
+        return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"pmedit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, ModuleNotFoundError) as e:
+        logging.getLogger("pmedit").debug("pmedit %s failed", args.command, exc_info=True)
+        print(f"pmedit {args.command}: error: {error_line(e)}", file=sys.stderr)
+        return 2
+
+
+def error_line(e: BaseException) -> str:
+    """The exception as one line (safe to print on any terminal)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in text:
+        text += f": {e.filename}"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

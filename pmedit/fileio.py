@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -37,6 +38,7 @@ _META_KEY = "pmedit"
 
 __all__ = [
     "atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "remove_stale_temps",
+    "remove_stale_temps_in",
     "tensor_digest", "save_verified", "load_verified", "read_json", "read_yaml", "read_mapping",
     "read_json_records", "read_text", "machine_info",
 ]
@@ -119,6 +121,23 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
         except (PermissionError, OverflowError):  # alive and owned by someone else / not a pid
             pass
     return removed
+
+
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp")
+
+
+def remove_stale_temps_in(directory: str | os.PathLike) -> list[Path]:
+    """:func:`remove_stale_temps` for every target in ``directory`` that has a temp file.
+
+    A killed writer's temp outlives its target's next write when that write never comes (the
+    file was written by another process meanwhile, or never asked for again), so cache readers
+    sweep the directories they read.
+    """
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    names = {m["name"] for p in d.iterdir() if (m := _TEMP_NAME.match(p.name))}
+    return [t for name in sorted(names) for t in remove_stale_temps(d / name)]
 
 
 # --------------------------------------------------------------------- verified tensor files

@@ -93,6 +93,7 @@ class EditHparams:
         _positive("lr", self.lr)
         _positive("clamp_norm_factor", self.clamp_norm_factor)
         _positive("lam", self.lam)
+        _check_lambdas(self.lam, getattr(self, "lam_e", None))
         for name in ("kl_factor", "weight_decay", "loss_stop"):
             _non_negative(name, getattr(self, name))
         for name in ("steps", "n_templates"):
@@ -328,6 +329,30 @@ def _is_int(v: Any) -> bool:
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"EditHparams field {name!r}: {value!r} is not one of {', '.join(allowed)}")
+
+
+# Limits of λ and λₑ. Edit keys have kᵀC0⁻¹k ≈ d (10³..10⁵), so with C = λ·C0 the ridge λₑ
+# swamps kᵀC⁻¹k ≈ d/λ once λ·λₑ ≫ d, and the update shrinks by ≈ d/(λ·λₑ): beyond λ·λₑ = 1e6
+# nothing lands, silently. λ outside [1e-6, 1e8] is no setting in use (MEMIT's is 1.5e4) but a
+# typo, and at 1e300 λ·C0 overflows.
+LAM_RANGE = (1e-6, 1e8)
+LAM_E_MAX = 1e6
+LAM_LAM_E_MAX = 1e6
+
+
+def _check_lambdas(lam: float, lam_e: float | None) -> None:
+    lo, hi = LAM_RANGE
+    if not lo <= lam <= hi:
+        raise ValueError(f"EditHparams field 'lam': {lam!r} is outside [{lo:g}, {hi:g}] "
+                         "(MEMIT uses 15000; far outside, C = lam·C0 overflows or the update vanishes)")
+    if lam_e is None or not lam_e >= 0:  # a negative or NaN lam_e is the method's own check
+        return
+    if lam_e > LAM_E_MAX:
+        raise ValueError(f"EditHparams field 'lam_e': {lam_e!r} is above {LAM_E_MAX:g}; the ridge would swamp "
+                         "every edit (typical values: 0.01-10)")
+    if lam * lam_e > LAM_LAM_E_MAX:
+        raise ValueError(f"EditHparams fields 'lam' and 'lam_e': lam·lam_e = {lam * lam_e:g} is above "
+                         f"{LAM_LAM_E_MAX:g}; the update would shrink by about d/(lam·lam_e) and no edit would land")
 
 
 def _positive(name: str, value: float) -> None:

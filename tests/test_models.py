@@ -116,6 +116,33 @@ def test_fingerprint_tracks_weights():
     assert ModelSpec.from_model(b.to(torch.bfloat16)).fingerprint != fa  # different values
 
 
+def test_fingerprint_sees_one_flipped_bit_in_any_weight():
+    """Issue 14, item 9: the fingerprint used to hash 64 strided samples per tensor, so a sparse
+    change (element 1 of any weight, a NaN row of a large matrix) left it unchanged."""
+    model = make_tiny_llama(seed=0)
+    f0 = M.fingerprint(model)
+    for name, p in model.named_parameters():
+        bits = p.data.view(torch.int32).reshape(-1)
+        bits[1] ^= 1  # the lowest mantissa bit of element 1, written through .data (no version bump)
+        assert M.fingerprint(model) != f0, name
+        bits[1] ^= 1
+    assert M.fingerprint(model) == f0
+    w = model.model.layers[3].mlp.down_proj.weight
+    w.data[17] = float("nan")  # one row of [64, 96]
+    assert M.fingerprint(model) != f0
+
+
+def test_fingerprint_of_tied_weights_and_meta_tensors():
+    tied = make_tiny_llama(seed=0, tie_word_embeddings=True)
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    f = M.fingerprint(tied)
+    tied.lm_head.weight.data[0, 0] += 1  # the shared tensor: both names see it
+    assert M.fingerprint(tied) != f
+    with torch.device("meta"):
+        meta = make_tiny_llama(seed=0)
+    assert len(M.fingerprint(meta)) == 16  # shapes only; no bytes to read
+
+
 def test_bad_dtype_and_missing_files(tmp_path):
     with pytest.raises(ValueError, match="dtype"):
         load_model(dtype="int8")

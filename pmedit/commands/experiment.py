@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 HELP = "run an experiment of the batch-size study"
@@ -31,11 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pmedit.experiments import run_experiment
 
-    try:
-        cfg = _load(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"pmedit experiment: {e}", file=sys.stderr)
-        return 2
+    cfg = _load(args)  # a bad config ends in pmedit.cli as one line naming the file, exit code 2
     out = run_experiment(cfg, out_dir=args.out_dir, progress=not args.no_progress, plot=not args.no_plot)
     cols = ["method", "layer", "batch_size", "lam", "n_edits", "es", "ps", "ns", "score", "ppl", "ge"]
     present = [c for c in cols if any(r.get(c) is not None for r in out["rows"])]

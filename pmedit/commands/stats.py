@@ -7,10 +7,12 @@ loads the cached files in milliseconds.
 from __future__ import annotations
 
 import argparse
-import sys
+import errno
 import time
 
 HELP = "collect (or import) C0 second-moment statistics"
+
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def _layers(text: str) -> list[int]:
@@ -58,31 +60,58 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _check_writable_dir(root, what: str) -> None:
+    """Fail before any work when nothing can be written under ``root`` (not a directory, read-only)."""
+    import tempfile
+
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as e:
+        raise OSError(f"{what} {str(root)!r} is not a writable directory ({e.strerror or e})") from None
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import torch
 
     from pmedit.corpus import resolve_corpus
-    from pmedit.models import load_model
+    from pmedit.models import cache_root, load_model, resolve_dtype
     from pmedit import stats as S
 
+    # Errors end in pmedit.cli as one line naming the culprit, exit code 2.
     if args.import_npz and len(args.layers) != 1:
-        print("pmedit stats: --import-npz needs exactly one layer in --layers", file=sys.stderr)
-        return 2
-    t0 = time.perf_counter()
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map)
+        raise ValueError("--import-npz needs exactly one layer in --layers")
+    if args.import_npz and not Path(args.import_npz).is_file():
+        raise FileNotFoundError(f"--import-npz file {args.import_npz!r} does not exist")
+    for name in ("tokens", "batch_tokens", "checkpoint_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    root = Path(args.cache_dir).expanduser() if args.cache_dir is not None else cache_root() / "stats"
+    if args.export_npz:
+        _check_writable_dir(Path(args.export_npz), "--export-npz")
+    _check_writable_dir(root, "statistics cache")
+    dtype = resolve_dtype(args.dtype)
     corpus = resolve_corpus(args.corpus, text_field=args.text_field)
-    if args.import_npz:
-        path = S.import_npz_to_cache(model, tok, args.layers[0], args.import_npz, corpus=corpus,
-                                     max_tokens=args.tokens, cache_dir=args.cache_dir, seed=args.seed,
-                                     max_length=args.max_length)
-        print(f"imported {args.import_npz} as layer {args.layers[0]} ({corpus.id}, {args.tokens} tokens): {path}")
-        return 0
-    stats = S.load_or_collect(model, tok, args.layers, corpus=corpus, max_tokens=args.tokens,
-                              cache_dir=args.cache_dir, progress=not args.no_progress,
-                              batch_tokens=args.batch_tokens, seed=args.seed, max_length=args.max_length,
-                              checkpoint_tokens=args.checkpoint_tokens, backend=args.backend)
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model, dtype=dtype, device=args.device, device_map=args.device_map)
+    try:
+        if args.import_npz:
+            path = S.import_npz_to_cache(model, tok, args.layers[0], args.import_npz, corpus=corpus,
+                                         max_tokens=args.tokens, cache_dir=args.cache_dir, seed=args.seed,
+                                         max_length=args.max_length)
+            print(f"imported {args.import_npz} as layer {args.layers[0]} ({corpus.id}, {args.tokens} tokens): {path}")
+            return 0
+        stats = S.load_or_collect(model, tok, args.layers, corpus=corpus, max_tokens=args.tokens,
+                                  cache_dir=args.cache_dir, progress=not args.no_progress,
+                                  batch_tokens=args.batch_tokens, seed=args.seed, max_length=args.max_length,
+                                  checkpoint_tokens=args.checkpoint_tokens, backend=args.backend)
+    except OSError as e:  # a disk that filled up (or went read-only) while collecting
+        if e.errno not in _WRITE_ERRNOS or e.filename is not None or str(root) in str(e):
+            raise
+        raise OSError(f"writing statistics under {str(root)!r}: {e.strerror or e}") from e
     print(f"corpus {corpus.id}: {corpus.description}")
     for layer, st in stats.items():
         diag = torch.diagonal(st.mean)
