@@ -416,3 +416,81 @@ def test_gpu_tf32_when_allowed(gpu_backend, d):
     absprod = x.cpu().double().abs().T @ x.cpu().double().abs()
     err = (acc.sum().cpu() - want).abs()
     assert (err <= (2.0 ** -8 + 2 * 300 * U32) * absprod).all()
+
+
+# ----------------------------------------------------------------------------- Triton paths
+def _triton_or_skip():
+    if _unavailable("triton") is not None:
+        pytest.skip(_unavailable("triton"))
+    return _device_for("triton")
+
+
+@pytest.mark.parametrize("split", [1, 3, 7])
+@pytest.mark.parametrize("tma", ["1", "0"])
+@pytest.mark.parametrize("d,n,dtype,mask_kind", [(64, 301, "bf16", "random"), (72, 130, "fp32", "none"),
+                                                 (7, 97, "fp16", "random"), (136, 65, "bf16", "none")])
+def test_triton_split_and_load_paths_match_fp64(monkeypatch, split, tma, d, n, dtype, mask_kind):
+    """Token splits (fp32 partials summed in a fixed order; ragged last split) and both load
+    paths (TMA descriptors where rows are 16-byte aligned, per-element pointers otherwise)."""
+    from pmkernels import covariance_triton as ct
+
+    dev = _triton_or_skip()
+    monkeypatch.setenv("PMKERNELS_TRITON_COV_SPLIT", str(split))
+    monkeypatch.setenv("PMKERNELS_TRITON_COV_TMA", tma)
+    x = _make((n,), d, DTYPES[dtype], seed=d + n, device=dev)
+    m = _mask(mask_kind, (n,), seed=n, device=dev)
+    if m is not None:
+        x[~m] = float("nan")  # padding may hold anything: it must never be read
+    acc = torch.zeros(d, d, device=dev)
+    ct.syrk_update_(acc, x, m)
+    ct.syrk_update_(acc, x, m)  # accumulates, the second time through the read-add-write epilogue
+    got = torch.triu(acc.cpu().double())
+    got = got + got.triu(1).T
+    xx = x.cpu()
+    if m is not None:
+        xx = torch.where(m.cpu()[:, None], xx, torch.zeros_like(xx))
+    both = torch.cat([xx, xx])
+    assert_close_to_reference(got, both, rows_in_fp32=2 * n, what=f"triton split={split} tma={tma}")
+
+
+def test_triton_split_count_fills_the_gpu(monkeypatch):
+    from pmkernels import covariance_triton as ct
+
+    monkeypatch.delenv("PMKERNELS_TRITON_COV_SPLIT", raising=False)
+    monkeypatch.setattr(ct, "_sm_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    assert ct.split_count(78, 65536, cuda) == 4  # d = 1536 at BLOCK 128: 78 tiles -> 312 programs
+    assert ct.split_count(6216, 65536, cuda) == 1  # d = 14336: tiles alone fill the GPU
+    assert ct.split_count(1, 3000, cuda) == 2  # bounded by >= 1024 rows per split
+    assert ct.split_count(1, 65536, cuda) == 32  # and by _MAX_SPLIT
+    assert ct.split_count(78, 65536, torch.device("cpu")) == 1
+    monkeypatch.setenv("PMKERNELS_TRITON_COV_SPLIT", "0")
+    with pytest.raises(ValueError, match="must be >= 1"):
+        ct.split_count(78, 100, cuda)
+
+
+def test_triton_config_override_is_validated(monkeypatch):
+    from pmkernels import covariance_triton as ct
+
+    monkeypatch.setenv("PMKERNELS_TRITON_COV_CONFIG", "64,32,4,3")
+    assert ct._config_for("16bit") == ct.Config(64, 32, 4, 3)
+    monkeypatch.setenv("PMKERNELS_TRITON_COV_CONFIG", "64,32")
+    with pytest.raises(ValueError, match="four ints"):
+        ct._config_for("16bit")
+    monkeypatch.setenv("PMKERNELS_TRITON_COV_CONFIG", "96,32,4,3")
+    with pytest.raises(ValueError, match="powers of two"):
+        ct._config_for("16bit")
+
+
+@pytest.mark.cuda
+def test_triton_and_cuda_on_a_second_gpu():
+    """device_map puts layers on cuda:1+: kernels must launch on the tensors' device."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    dev = f"cuda:{torch.cuda.device_count() - 1}"
+    x = _make((300,), 136, torch.bfloat16, device=dev)
+    for backend in ("triton", "cuda"):
+        if _unavailable(backend) is not None:
+            continue
+        acc = SecondMoment(136, device=dev, backend=backend).update(x)
+        assert_close_to_reference(acc.sum(), x.cpu(), rows_in_fp32=300, what=f"{backend} on {dev}")
