@@ -85,3 +85,36 @@ def test_unconverged_values_are_named_in_the_report(caplog):
         report = ed.edit(_requests(3))
     assert report.batches[0].unconverged == [1] and report.unconverged == [1]
     assert "1 edit(s) did not converge" in report.summary() and "did not converge" in caplog.text
+
+
+def test_the_adding_a_method_recipe_works(tmp_path, monkeypatch):
+    """docs/DESIGN.md's recipe, run: one file (here exec'd from the doc) plus one registry entry
+    make a method available to the Editor, hyperparameter files, presets and experiment configs."""
+    import re
+    from pathlib import Path
+
+    import torch
+
+    import pmedit.methods as registry
+    from pmedit.experiments import ExperimentConfig
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "DESIGN.md").read_text()
+    code = re.search(r"```python\n(# pmedit/methods/ridge_sweep.py.*?)```", doc, re.S).group(1)
+    ns: dict = {}
+    exec(compile(code, "ridge_sweep.py", "exec"), ns)
+    monkeypatch.setattr(registry, "_REGISTRY", {**registry.methods(), "ridge": ns["METHOD"]})
+    hp = EditHparams.preset("smollm2", method="ridge", layers=[1])
+    assert type(hp).__name__ == "RidgeHparams" and hp.ridge_per_edit == 1e-3 and hp.lam == 100.0
+    assert EditHparams.from_dict(hp.to_dict()) == hp
+    cfg = ExperimentConfig.from_dict(dict(experiment="lambda-sweep", data=str(tmp_path / "x.json"), layers=[1],
+                                          methods=["ridge"], total_edits=2, batch_sizes=[2], lambdas=[0.1],
+                                          preset=None))
+    assert cfg.edit_hparams("ridge", **{get_method("ridge").sweep_field: 0.5}).ridge_per_edit == 0.5
+    syn = Synthetic()
+    model = make_tiny_llama()
+    ed = _tiny_editor(model, syn, method="ridge", ridge_per_edit=0.01)
+    W0 = ed._weight(1).detach().clone()
+    ed.edit(_requests(3))
+    assert not torch.equal(ed._weight(1), W0)
+    ed.restore()
+    assert torch.equal(ed._weight(1), W0)

@@ -13,9 +13,9 @@ from typing import Any
 
 from pmedit.fileio import read_mapping
 from pmedit.hparams import check_mapping_keys
+from pmedit.methods import method_names
 
 EXPERIMENTS = ("layer-sweep", "batch", "sequential-batch", "lambda-sweep")
-METHODS = ("rome", "memit", "emmet")
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,9 @@ class ExperimentConfig:
             raise ValueError(f"experiment config field 'layers': expected a non-empty list of layer indices, got {list(self.layers)}")
         if self.experiment != "layer-sweep" and len(self.layers) != 1:
             raise ValueError(f"experiment config field 'layers': {self.experiment} edits one layer, got {list(self.layers)}")
-        if not self.methods or any(m not in METHODS for m in self.methods):
-            raise ValueError(f"experiment config field 'methods': {list(self.methods)}; each must be one of {list(METHODS)}")
+        known = method_names()
+        if not self.methods or any(m not in known for m in self.methods):
+            raise ValueError(f"experiment config field 'methods': {list(self.methods)}; each must be one of {list(known)}")
         for name in ("total_edits", "chunk_size"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ValueError(f"experiment config field {name!r}: must be a positive integer, got {getattr(self, name)!r}")
