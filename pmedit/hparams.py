@@ -25,7 +25,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from pmedit.fileio import atomic_write_text
+from pmedit.fileio import atomic_write_text, read_mapping
 
 PRECISIONS = ("fp64", "fp32")
 MOM2_DTYPES = ("float32", "float64")
@@ -215,11 +215,8 @@ class EditHparams:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> EditHparams:
-        path = Path(path)
-        text = path.read_text(encoding="utf-8")
-        if _is_yaml(path):
-            return cls.from_yaml(text, source=str(path))
-        return cls.from_json(text, source=str(path))
+        """Read .json or .yaml/.yml (by extension); errors name the file."""
+        return cls.from_dict(read_mapping(path, what="hyperparameters file"), source=str(path))
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> EditHparams:

@@ -79,7 +79,7 @@ def test_file_errors_name_the_file(tmp_path):
     with pytest.raises(ValueError, match="bad.json.*'lamda'"):
         EditHparams.load(path)
     path.write_text("{not json")
-    with pytest.raises(ValueError, match="bad.json: not valid JSON"):
+    with pytest.raises(ValueError, match="bad.json: invalid JSON at line 1"):
         EditHparams.load(path)
 
 

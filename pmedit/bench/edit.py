@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from pmedit.bench.harness import Row, compare
+from pmedit.fileio import read_json
 
 ORDER = 40
 HELP = "value optimisation batched vs one edit at a time; end-to-end EMMET batches (64, 4096 edits)"
@@ -63,8 +64,7 @@ def load_requests(n: int) -> tuple[list, str]:
 
     path = Path(os.environ.get("PMEDIT_COUNTERFACT", COUNTERFACT))
     if path.is_file():
-        with open(path) as f:
-            data = json.load(f)
+        data = read_json(path)
         if len(data) >= n:
             return normalize_requests(data[:n]), f"CounterFact ({path.name})"
     reqs = []
