@@ -90,10 +90,21 @@ struct Stage {
   }
 };
 
+// Token split: block (pair, s) sums rows [s * rows_per_split, min(n, (s + 1) * rows_per_split)).
+// With gridDim.y == 1 it adds into acc; otherwise it stores its partial tile into
+// acc + s * d * d (a zeroed [S, d, d] workspace the caller reduces in a fixed order).
+// Minimum blocks per SM: 2 (at most 128 registers, so two 8-warp blocks share an SM and the
+// second hides the first's barrier and epilogue stalls) for the 16-bit vector-load variants,
+// which fit without spills (122-123 registers on sm_90a). The tf32 and scalar-load variants
+// keep their registers in flight for the next stage and spill 140-680 bytes under that cap, so
+// they stay at 1 (see benchmarks/RESULTS.md, GPU readiness).
 template <typename T, bool VEC>
-__global__ void __launch_bounds__(THREADS)
+constexpr int min_blocks() { return (VEC && sizeof(T) == 2) ? 2 : 1; }
+
+template <typename T, bool VEC>
+__global__ void __launch_bounds__(THREADS, min_blocks<T, VEC>())
 syrk_upper_wmma(const T* __restrict__ x, const unsigned char* __restrict__ mask, float* __restrict__ acc, long long n,
-                int d) {
+                int d, long long rows_per_split) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   using F = typename Mma<T>::frag;
   constexpr int KF = Mma<T>::K;
@@ -113,13 +124,16 @@ syrk_upper_wmma(const T* __restrict__ x, const unsigned char* __restrict__ mask,
 #pragma unroll
     for (int fj = 0; fj < 2; ++fj) wmma::fill_fragment(c[fi][fj], 0.0f);
 
+  const long long r0 = static_cast<long long>(blockIdx.y) * rows_per_split;
+  const long long r1 = r0 + rows_per_split < n ? r0 + rows_per_split : n;
+  const bool split = gridDim.y > 1;
   Stage<T, VEC> st;
-  st.load(x, mask, n, d, 0, ci, cj);
-  for (long long k0 = 0; k0 < n; k0 += BK) {
+  if (r0 < r1) st.load(x, mask, r1, d, r0, ci, cj);
+  for (long long k0 = r0; k0 < r1; k0 += BK) {
     __syncthreads();  // the previous stage's MMAs are done with As/Bs
     st.store(As, Bs);
     __syncthreads();
-    if (k0 + BK < n) st.load(x, mask, n, d, k0 + BK, ci, cj);  // in flight during the MMAs
+    if (k0 + BK < r1) st.load(x, mask, r1, d, k0 + BK, ci, cj);  // in flight during the MMAs
 #pragma unroll
     for (int kk = 0; kk < BK; kk += KF) {
       // A = x[k, ci + m] stored [k][m]: as the M x K operand that is column-major, ldm = LDS.
@@ -150,6 +164,7 @@ syrk_upper_wmma(const T* __restrict__ x, const unsigned char* __restrict__ mask,
 
   // Epilogue: each warp stages one 16 x 16 fragment at a time and adds it into acc in bounds.
   float* stage = staging[warp];
+  float* out = split ? acc + static_cast<long long>(blockIdx.y) * d * d : acc;
 #pragma unroll
   for (int fi = 0; fi < 4; ++fi) {
 #pragma unroll
@@ -159,7 +174,10 @@ syrk_upper_wmma(const T* __restrict__ x, const unsigned char* __restrict__ mask,
       for (int e = lane; e < 256; e += 32) {
         const int gi = ci + wm * 64 + fi * 16 + e / 16;
         const int gj = cj + wn * 32 + fj * 16 + e % 16;
-        if (gi < d && gj < d) acc[static_cast<long long>(gi) * d + gj] += stage[e];
+        if (gi < d && gj < d) {
+          float* o = out + static_cast<long long>(gi) * d + gj;
+          *o = split ? stage[e] : *o + stage[e];
+        }
       }
       __syncwarp();
     }
@@ -168,25 +186,29 @@ syrk_upper_wmma(const T* __restrict__ x, const unsigned char* __restrict__ mask,
 }
 
 // Exact fp32: no tensor-core instruction multiplies fp32 without rounding to tf32.
-constexpr int STILE = 64, SBK = 16, SLDS = STILE + 4;
+// Each thread reads its 4 A and 4 B values of a k-row as one float4 each: with scalar reads the
+// B reads (stride 4 words across the 16 threads of a row group) hit each bank twice.
+constexpr int STILE = 64, SBK = 16, SLDS = STILE + 4;  // SLDS * 4 bytes keeps rows 16-byte aligned
 
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(256, 2)
 syrk_upper_simt_f32(const float* __restrict__ x, const unsigned char* __restrict__ mask, float* __restrict__ acc,
-                    long long n, int d) {
-  __shared__ float As[SBK * SLDS];
-  __shared__ float Bs[SBK * SLDS];
+                    long long n, int d, long long rows_per_split) {
+  __shared__ __align__(16) float As[SBK * SLDS];
+  __shared__ __align__(16) float Bs[SBK * SLDS];
   int ti, tj;
   tile_pair(blockIdx.x, ti, tj);
   const int ci = ti * STILE, cj = tj * STILE;
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  const long long r0 = static_cast<long long>(blockIdx.y) * rows_per_split;
+  const long long r1 = r0 + rows_per_split < n ? r0 + rows_per_split : n;
   float c[4][4] = {};
-  for (long long k0 = 0; k0 < n; k0 += SBK) {
+  for (long long k0 = r0; k0 < r1; k0 += SBK) {
 #pragma unroll
     for (int q = 0; q < SBK * STILE / 256; ++q) {
       const int e = threadIdx.x + q * 256;
       const int k = e / STILE, col = e % STILE;
       const long long row = k0 + k;
-      const bool keep = row < n && (mask == nullptr || __ldg(mask + row) != 0);
+      const bool keep = row < r1 && (mask == nullptr || __ldg(mask + row) != 0);
       const float* base = x + row * static_cast<long long>(d);
       As[k * SLDS + col] = (keep && ci + col < d) ? base[ci + col] : 0.0f;
       Bs[k * SLDS + col] = (keep && cj + col < d) ? base[cj + col] : 0.0f;
@@ -194,11 +216,10 @@ syrk_upper_simt_f32(const float* __restrict__ x, const unsigned char* __restrict
     __syncthreads();
 #pragma unroll
     for (int k = 0; k < SBK; ++k) {
-      float a[4], b[4];
-#pragma unroll
-      for (int r = 0; r < 4; ++r) a[r] = As[k * SLDS + ty * 4 + r];
-#pragma unroll
-      for (int s = 0; s < 4; ++s) b[s] = Bs[k * SLDS + tx * 4 + s];
+      const float4 a4 = *reinterpret_cast<const float4*>(As + k * SLDS + ty * 4);
+      const float4 b4 = *reinterpret_cast<const float4*>(Bs + k * SLDS + tx * 4);
+      const float a[4] = {a4.x, a4.y, a4.z, a4.w};
+      const float b[4] = {b4.x, b4.y, b4.z, b4.w};
 #pragma unroll
       for (int r = 0; r < 4; ++r)
 #pragma unroll
@@ -206,13 +227,18 @@ syrk_upper_simt_f32(const float* __restrict__ x, const unsigned char* __restrict
     }
     __syncthreads();
   }
+  const bool split = gridDim.y > 1;
+  float* out = split ? acc + static_cast<long long>(blockIdx.y) * d * d : acc;
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
     const int gi = ci + ty * 4 + r;
 #pragma unroll
     for (int s = 0; s < 4; ++s) {
       const int gj = cj + tx * 4 + s;
-      if (gi < d && gj < d) acc[static_cast<long long>(gi) * d + gj] += c[r][s];
+      if (gi < d && gj < d) {
+        float* o = out + static_cast<long long>(gi) * d + gj;
+        *o = split ? c[r][s] : *o + c[r][s];
+      }
     }
   }
 }
@@ -222,23 +248,37 @@ long long upper_pairs(int d, int tile) {
   return t * (t + 1) / 2;
 }
 
+// The grid's token dimension: rows_per_split <= 0 means one range (no split).
+long long split_rows(long long n, long long rows_per_split) { return rows_per_split <= 0 ? n : rows_per_split; }
+
 template <typename T>
-cudaError_t launch_wmma(const T* x, const unsigned char* mask, float* acc, long long n, int d, cudaStream_t stream) {
+cudaError_t launch_wmma(const T* x, const unsigned char* mask, float* acc, long long n, int d,
+                        long long rows_per_split, cudaStream_t stream) {
   const long long blocks = upper_pairs(d, TILE);
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidValue;
+  const long long rows = split_rows(n, rows_per_split);
+  if ((n + rows - 1) / rows > 65535) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>((n + rows - 1) / rows));
   constexpr int vw = 16 / static_cast<int>(sizeof(T));
   const bool vec = d % vw == 0 && reinterpret_cast<std::uintptr_t>(x) % 16 == 0;
   if (vec)
-    syrk_upper_wmma<T, true><<<static_cast<unsigned>(blocks), THREADS, 0, stream>>>(x, mask, acc, n, d);
+    syrk_upper_wmma<T, true><<<grid, THREADS, 0, stream>>>(x, mask, acc, n, d, rows);
   else
-    syrk_upper_wmma<T, false><<<static_cast<unsigned>(blocks), THREADS, 0, stream>>>(x, mask, acc, n, d);
+    syrk_upper_wmma<T, false><<<grid, THREADS, 0, stream>>>(x, mask, acc, n, d, rows);
   return cudaGetLastError();
 }
 
 }  // namespace
 
+int pmk_covariance_upper_tiles(int d, int dtype, int allow_tf32) {
+  const long long t = upper_pairs(d, (dtype == PMK_COV_F32 && !allow_tf32) ? STILE : TILE);
+  return t > 0x7fffffffLL ? -1 : static_cast<int>(t);
+}
+
+int pmk_covariance_split_grain(int dtype, int allow_tf32) { return (dtype == PMK_COV_F32 && !allow_tf32) ? SBK : BK; }
+
 cudaError_t pmk_covariance_syrk_upper(const void* x, int dtype, const unsigned char* mask, float* acc, long long n,
-                                      int d, int allow_tf32, cudaStream_t stream) {
+                                      int d, int allow_tf32, long long rows_per_split, cudaStream_t stream) {
   if (n <= 0 || d <= 0) return cudaSuccess;
   int dev = 0, major = 0;
   cudaError_t err = cudaGetDevice(&dev);
@@ -248,19 +288,21 @@ cudaError_t pmk_covariance_syrk_upper(const void* x, int dtype, const unsigned c
   switch (dtype) {
     case PMK_COV_F16:
       if (major < 8) return cudaErrorNotSupported;  // the kernel body is compiled for sm_80+
-      return launch_wmma(static_cast<const __half*>(x), mask, acc, n, d, stream);
+      return launch_wmma(static_cast<const __half*>(x), mask, acc, n, d, rows_per_split, stream);
     case PMK_COV_BF16:
       if (major < 8) return cudaErrorNotSupported;
-      return launch_wmma(static_cast<const __nv_bfloat16*>(x), mask, acc, n, d, stream);
+      return launch_wmma(static_cast<const __nv_bfloat16*>(x), mask, acc, n, d, rows_per_split, stream);
     case PMK_COV_F32:
       if (allow_tf32) {
         if (major < 8) return cudaErrorNotSupported;
-        return launch_wmma(static_cast<const float*>(x), mask, acc, n, d, stream);
+        return launch_wmma(static_cast<const float*>(x), mask, acc, n, d, rows_per_split, stream);
       } else {
         const long long blocks = upper_pairs(d, STILE);
         if (blocks > 0x7fffffffLL) return cudaErrorInvalidValue;
-        syrk_upper_simt_f32<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(static_cast<const float*>(x), mask,
-                                                                                  acc, n, d);
+        const long long rows = split_rows(n, rows_per_split);
+        if ((n + rows - 1) / rows > 65535) return cudaErrorInvalidValue;
+        const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>((n + rows - 1) / rows));
+        syrk_upper_simt_f32<<<grid, 256, 0, stream>>>(static_cast<const float*>(x), mask, acc, n, d, rows);
         return cudaGetLastError();
       }
     default:
