@@ -250,7 +250,7 @@ def read_json_records(path: str | os.PathLike, *, allow_single: bool = False) ->
     p = Path(path)
     if p.suffix.lower() == ".jsonl":
         data = []
-        for ln, line in enumerate(read_text(p).splitlines(), 1):
+        for ln, line in enumerate(read_text(p).split("\n"), 1):
             if line.strip():
                 try:
                     data.append(json.loads(line))
