@@ -11,17 +11,17 @@ Not here: the metric arithmetic (:mod:`pmedit.evaluation.metrics`).
 """
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from pmedit.evaluation.hooks import edits_scope
 from pmedit.evaluation.metrics import PromptScores, RecordScores, generation_entropy, record_scores, summarize
 from pmedit.evaluation.scoring import PairEncoder, generate, score_targets
 
-__all__ = ["EvalResult", "evaluate_counterfact", "edits_scope", "record_groups"]
+__all__ = ["EvalResult", "evaluate_counterfact", "record_groups"]
 
 
 @dataclass
@@ -60,15 +60,6 @@ def record_groups(n_records: int, edits, groups: Sequence[int] | None) -> list[i
     if bad:
         raise ValueError(f"groups must be in -1..{len(edits) - 1}, got {bad[0]}")
     return groups
-
-
-@contextlib.contextmanager
-def edits_scope(edits):
-    """Activate ``edits`` for the block unless the caller already did."""
-    with contextlib.ExitStack() as stack:
-        if edits is not None and not edits.active:
-            stack.enter_context(edits)
-        yield
 
 
 @torch.no_grad()

@@ -13,12 +13,23 @@ Not here: computing the updates (pmedit.methods / pmedit.editor) or choosing gro
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["GroupDeltas", "RankOneEdits", "low_rank_factors", "rank_one_factors"]
+__all__ = ["GroupDeltas", "RankOneEdits", "edits_scope", "low_rank_factors", "rank_one_factors"]
+
+
+@contextlib.contextmanager
+def edits_scope(edits):
+    """Activate ``edits`` (a GroupDeltas or None) for the block unless the caller already did:
+    scorers enter it themselves, so an inactive hook can never be silently ignored."""
+    with contextlib.ExitStack() as stack:
+        if edits is not None and not edits.active:
+            stack.enter_context(edits)
+        yield
 
 
 class GroupDeltas:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import re
+import string
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,9 @@ __all__ = [
     "ngram_entropy",
     "text_entropy",
     "generation_entropy",
+    "normalize_answer",
+    "exact_match",
+    "classification_scores",
 ]
 
 KINDS = ("rewrite", "paraphrase", "neighborhood")
@@ -186,3 +190,41 @@ def generation_entropy(texts: Sequence[str]) -> float:
     if not texts:
         raise ValueError("generation_entropy of no texts")
     return float(np.mean([text_entropy(t) for t in texts]))
+
+
+# ---------------------------------------------------------------------------------------
+# exact match (SQuAD / LocFT-BF normalisation) and classification metrics
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's normalisation, as LocFT-BF compares answers: lower-case, punctuation removed,
+    articles (a, an, the) removed, whitespace collapsed."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCT)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(prediction: str, target: str) -> bool:
+    return normalize_answer(prediction) == normalize_answer(target)
+
+
+def classification_scores(pred: Sequence[int], gold: Sequence[int], *, positive: int | None = None) -> dict:
+    """accuracy, and for a binary task (``positive`` = the positive class) F1 of that class and
+    Matthews' correlation; all ×100, as GLUE reports them. F1 is 0 and MCC 0 when undefined
+    (no predicted or no gold positives; a constant prediction), as scikit-learn returns them."""
+    if len(pred) != len(gold):
+        raise ValueError(f"{len(pred)} predictions for {len(gold)} labels")
+    if not gold:
+        raise ValueError("classification_scores of no examples")
+    p, g = np.asarray(pred), np.asarray(gold)
+    out = {"n": len(gold), "acc": 100.0 * float((p == g).mean())}
+    if positive is not None:
+        pp, gp = p == positive, g == positive
+        tp, fp, fn = int((pp & gp).sum()), int((pp & ~gp).sum()), int((~pp & gp).sum())
+        tn = len(g) - tp - fp - fn
+        out["f1"] = 100.0 * (2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+        den = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+        out["mcc"] = 100.0 * ((tp * tn - fp * fn) / den if den else 0.0)
+    return out

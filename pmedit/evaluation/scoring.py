@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from pmedit.evaluation.hooks import edits_scope
 from pmedit.tokens import encode_prompt, encode_target, pad_batch, pad_id, split_target
 
 __all__ = ["encode_pair", "PairScores", "score_pairs", "score_targets", "default_score_batch", "generate"]
@@ -137,6 +138,14 @@ def score_pairs(
     nll_sum = torch.zeros(n, dtype=torch.float64)
     n_tok = torch.zeros(n, dtype=torch.long)
     n_ok = torch.zeros(n, dtype=torch.long)
+    with edits_scope(edits):
+        _score_batches(decoder, head, device, pairs, seqs, order, batch_size, pack, pad, edits, row_edits,
+                       nll_sum, n_tok, n_ok, progress)
+    return PairScores(nll_sum, n_tok, n_ok)
+
+
+def _score_batches(decoder, head, device, pairs, seqs, order, batch_size, pack, pad, edits, row_edits,
+                   nll_sum, n_tok, n_ok, progress) -> None:
     for s in tqdm(range(0, len(seqs), batch_size), desc="scoring", disable=not progress, leave=False):
         chunk = [seqs[j] for j in order[s : s + batch_size]]
         flat, rows, cols, tgts, owner = [], [], [], [], []
@@ -183,7 +192,6 @@ def score_pairs(
         nll_sum.index_add_(0, own, -logp.gather(1, tg[:, None])[:, 0].double().cpu())
         n_tok.index_add_(0, own, torch.ones(len(owner), dtype=torch.long))
         n_ok.index_add_(0, own, (logits.argmax(-1) == tg).long().cpu())
-    return PairScores(nll_sum, n_tok, n_ok)
 
 
 def score_targets(model, tok, pairs, **kw) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,21 +215,24 @@ def generate(
     edits=None,
     row_edits: Sequence[int] | None = None,
     force_length: bool = False,
+    return_ids: bool = False,
     progress: bool = False,
-) -> list[str]:
+) -> list[str] | list[list[int]]:
     """Continuations of ``prompts`` (greedy, or top-k sampling), in batches, left-padded.
 
     Returns the decoded *continuations* only. ``force_length`` suppresses end-of-sequence so
     every text has exactly ``max_new_tokens`` tokens (MEMIT's fluency texts are fixed-length).
     Sampling runs under a forked RNG seeded with ``seed``, so results are reproducible and the
     caller's RNG is untouched. Prompt ids come from :func:`pmedit.tokens.encode_prompt`.
+    ``return_ids``: the continuation ids instead, cut before the first end-of-sequence.
     """
     if edits is not None and (row_edits is None or len(row_edits) != len(prompts)):
         raise ValueError("edits need row_edits, one per prompt")
     device = next(model.parameters()).device
     pad = pad_id(tok)
-    out: list[str] = [""] * len(prompts)
-    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+    out: list = [""] * len(prompts)
+    eos = getattr(tok, "eos_token_id", None)
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]), edits_scope(edits):
         torch.manual_seed(seed)
         for s in tqdm(range(0, len(prompts), batch_size), desc="generating", disable=not progress, leave=False):
             chunk = list(range(s, min(s + batch_size, len(prompts))))
@@ -241,5 +252,9 @@ def generate(
                 kwargs["min_new_tokens"] = max_new_tokens
             gen = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
             for r, i in enumerate(chunk):
-                out[i] = tok.decode(gen[r, width:], skip_special_tokens=True)
+                if return_ids:
+                    ids_r = gen[r, width:].tolist()
+                    out[i] = ids_r[: ids_r.index(eos)] if eos is not None and eos in ids_r else ids_r
+                else:
+                    out[i] = tok.decode(gen[r, width:], skip_special_tokens=True)
     return out
