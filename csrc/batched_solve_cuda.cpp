@@ -31,7 +31,7 @@ std::vector<torch::Tensor> factor_solve(torch::Tensor A, torch::Tensor B) {
 
   int dev = A.get_device(), optin = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  const size_t need = static_cast<size_t>(n) * n * A.element_size();
+  const size_t need = pmk_batched_chol_shared_bytes(n, A.element_size());
   // Keep 1 KiB for the kernel's static shared memory; otherwise factor in a global workspace.
   const bool shared = need + 1024 <= static_cast<size_t>(optin);
   torch::Tensor work = shared ? torch::Tensor() : torch::empty_like(A);

@@ -12,8 +12,15 @@ def _chol_tile(a, rows, cols, BS: tl.constexpr, base, info):
         akk = tl.sum(tl.where(rows == k, colk, 0.0), axis=0)
         bad = ~(akk > 0.0)  # NaN too
         info = tl.where((info == 0) & bad, base + k + 1, info)
-        piv = tl.sqrt(tl.where(bad, 1.0, akk))
-        lk = tl.where(rows >= k, colk / piv, 0.0)
+        # Correctly rounded sqrt and divide: for fp32, tl.sqrt and "/" compile to the approximate
+        # sqrt.approx / div.full instructions (up to 2 ulp), which the jitter logic would misread.
+        # (fp64 sqrt and "/" are already correctly rounded; sqrt_rn/div_rn take fp32 only.)
+        if a.dtype == tl.float32:
+            piv = tl.sqrt_rn(tl.where(bad, 1.0, akk))
+            lk = tl.where(rows >= k, tl.div_rn(colk, piv), 0.0)
+        else:
+            piv = tl.sqrt(tl.where(bad, 1.0, akk))
+            lk = tl.where(rows >= k, colk / piv, 0.0)
         a = a - lk[:, None] * lk[None, :]
         L = L + tl.where(cols[None, :] == k, lk[:, None], 0.0)
     return L, info
@@ -28,7 +35,10 @@ def _inv_lower_t(L, rows, cols, BS: tl.constexpr):
         lkk = tl.sum(tl.where(cols == k, lk, 0.0), axis=0)
         lkk = tl.where(lkk == 0.0, 1.0, lkk)
         s = tl.sum(lk[None, :] * Tt, axis=1)  # Σ_j L[k, j] T[j, c], along axis 0
-        newrow = (tl.where(rows == k, 1.0, 0.0) - s) / lkk
+        if L.dtype == tl.float32:
+            newrow = tl.div_rn(tl.where(rows == k, 1.0, 0.0) - s, lkk)
+        else:
+            newrow = (tl.where(rows == k, 1.0, 0.0) - s) / lkk
         Tt = Tt + tl.where(cols[None, :] == k, newrow[:, None], 0.0)
     return Tt
 

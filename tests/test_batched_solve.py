@@ -206,3 +206,42 @@ def test_sequential_emmet_batches_in_one_call(backend):
         delta = (fac.solve(Ks[i]) @ Y[i]).mT
         ref = pm_delta(Rs[i], Ks[i], fac, ridge=lam_e).delta
         assert float((delta - ref).norm() / ref.norm()) < 1e-11
+
+
+def test_cuda_trailing_update_packing_covers_the_lower_triangle_once():
+    """csrc/batched_solve_cuda.cu walks the trailing lower triangle packed, t -> (i, j), j <= i,
+    via an fp32 sqrt and two fix-ups; replayed in numpy float32 for every size up to n = 1024."""
+    import numpy as np
+
+    for r in (1, 2, 3, 63, 64, 255, 1023):
+        t = np.arange(r * (r + 1) // 2, dtype=np.int64)
+        ii = ((np.sqrt(np.float32(8.0) * t.astype(np.float32) + np.float32(1.0)) - np.float32(1.0))
+              * np.float32(0.5)).astype(np.int64)
+        ii = np.where((ii + 1) * (ii + 2) // 2 <= t, ii + 1, ii)
+        ii = np.where(ii * (ii + 1) // 2 > t, ii - 1, ii)
+        jj = t - ii * (ii + 1) // 2
+        assert (jj >= 0).all() and (jj <= ii).all() and (ii < r).all()
+        assert len(np.unique(ii * r + jj)) == len(t)
+
+
+def test_triton_launch_params_and_warps_override(monkeypatch):
+    p = batched_solve_triton.launch_params(64, 16)
+    assert (p["BS"], p["NB"], p["BM"], p["MP"], p["num_warps"]) == (64, 1, 16, 16, 8)
+    assert batched_solve_triton.launch_params(97, 17)["NB"] == 4
+    monkeypatch.setenv("PMKERNELS_TRITON_SOLVE_WARPS", "4")
+    assert batched_solve_triton.launch_params(64, 16)["num_warps"] == 4
+    monkeypatch.setenv("PMKERNELS_TRITON_SOLVE_WARPS", "3")
+    with pytest.raises(ValueError, match="PMKERNELS_TRITON_SOLVE_WARPS"):
+        batched_solve_triton.launch_params(64, 16)
+
+
+@pytest.mark.cuda
+def test_gpu_backends_on_a_second_gpu():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    dev = f"cuda:{torch.cuda.device_count() - 1}"
+    A, B = spd_batch(5, 64, seed=2), rhs(5, 64, 3)
+    for backend in ("triton", "cuda"):
+        res = batched_spd_solve(A.to(dev), B.to(dev), backend=backend)
+        assert res.X.device == torch.device(dev)
+        check(A, B, res.X.cpu(), F64)
