@@ -74,6 +74,15 @@ class SecondMoment:
     ValueError giving their count, or with ``on_nonfinite="skip"`` are dropped (not counted;
     ``skipped`` reports how many). ``allow_tf32`` lets GPU backends multiply fp32 inputs in
     tf32 (10-bit mantissa: ~1e-3 relative error per product; off by default).
+
+    ``defer_checks`` (default: on for CUDA accumulators, off elsewhere) makes ``update`` free
+    of host synchronisation, so statistics overlap the forward pass: the NaN/Inf screen and
+    the kept-row count stay on the device, non-finite rows are masked out on the device, and a
+    failure under ``on_nonfinite="raise"`` is reported by the next call that reads results
+    (``count``, ``skipped``, ``sum``, ``mean``, ``merge``, ``state_dict``). The failing update
+    and every later one are then left out entirely, so the sums equal those before it, as with
+    an immediate raise; the error repeats on every read. Without deferral (the CPU default)
+    ``update`` itself raises and nothing of that call is applied.
     """
 
     def __init__(
@@ -85,6 +94,7 @@ class SecondMoment:
         chunk_tokens: int = MAX_CHUNK_TOKENS,
         allow_tf32: bool = False,
         on_nonfinite: str = "raise",
+        defer_checks: bool | None = None,
     ) -> None:
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"SecondMoment: dim must be a positive int, got {dim!r}")
@@ -100,6 +110,9 @@ class SecondMoment:
         self.chunk_tokens = chunk_tokens
         self.allow_tf32 = bool(allow_tf32)
         self.on_nonfinite = on_nonfinite
+        if defer_checks is not None and not isinstance(defer_checks, bool):
+            raise TypeError(f"SecondMoment: defer_checks must be a bool or None, got {defer_checks!r}")
+        self.defer_checks = self.device.type == "cuda" if defer_checks is None else defer_checks
         self.backend = select_backend(
             "covariance", backend, self.device, {name: _availability(name) for name in _BACKENDS}
         )
@@ -109,7 +122,13 @@ class SecondMoment:
         self._acc: torch.Tensor | None = None  # fp32 [d, d], allocated on first update
         self._pending = 0  # rows (kept or masked) added into _acc since the last flush
         self._count = 0
-        self.skipped = 0  # rows dropped for NaN/Inf under on_nonfinite="skip"
+        self._skipped = 0  # rows dropped for NaN/Inf under on_nonfinite="skip"
+        self._updates = 0  # update calls with at least one row (named in deferred errors)
+        # Deferred-check state (device tensors; None until the first deferred update):
+        # [kept rows, skipped rows] and, for the first failing update under "raise",
+        # [failed, update number, bad rows, rows, first bad row].
+        self._dev_counts: torch.Tensor | None = None
+        self._dev_failure: torch.Tensor | None = None
         log.debug("SecondMoment(dim=%d) on %s with backend %s", dim, self.device, self.backend)
 
     def __repr__(self) -> str:
@@ -118,7 +137,32 @@ class SecondMoment:
     @property
     def count(self) -> int:
         """Rows accumulated so far (masked-out and skipped rows excluded)."""
+        self._resolve()
         return self._count
+
+    @property
+    def skipped(self) -> int:
+        """Rows dropped for NaN/Inf under ``on_nonfinite="skip"``."""
+        self._resolve()
+        return self._skipped
+
+    def _resolve(self) -> None:
+        """Bring deferred counts to the host (one sync) and raise a deferred NaN/Inf failure."""
+        if self._dev_counts is None:
+            return
+        kept, skipped = (int(v) for v in self._dev_counts.tolist())
+        self._count += kept
+        self._skipped += skipped
+        self._dev_counts.zero_()
+        if self._dev_failure is not None:
+            failed, call, nbad, rows, first = (int(v) for v in self._dev_failure.tolist())
+            if failed:
+                raise ValueError(
+                    f"SecondMoment.update: {nbad} of {rows} rows hold NaN or Inf (first at flattened row {first}) "
+                    f"in update call {call}; checks are deferred on {self.device} (defer_checks=True), so this is "
+                    f"reported now. That update and every later one were left out; the sums hold the updates "
+                    f"before it. Pass on_nonfinite='skip' to drop such rows instead"
+                )
 
     # ------------------------------------------------------------------ update
     @torch.no_grad()  # statistics, not a graph: activations captured with grad must not chain updates
@@ -128,6 +172,9 @@ class SecondMoment:
         n = x2.shape[0]
         if n == 0:
             return self
+        self._updates += 1
+        if self.defer_checks:
+            return self._update_deferred(x2, m)
         m = self._check_finite(x2, m)
         kept = n if m is None else int(m.sum())
         if kept == 0:
@@ -145,6 +192,42 @@ class SecondMoment:
             )
             self._pending += stop - start
         self._count += kept
+        return self
+
+    def _update_deferred(self, x2: torch.Tensor, m: torch.Tensor | None) -> "SecondMoment":
+        # No host sync anywhere below: every decision is a device tensor, and the backend gets
+        # the combined keep mask. The row screen is one streaming reduction: a row holding NaN
+        # or Inf has a non-finite fp32 sum; a finite row whose sum overflows fp32 has an entry
+        # above 3.4e38 / d, whose square would overflow the fp32 accumulator anyway.
+        dev = self.device
+        if self._dev_counts is None:
+            self._dev_counts = torch.zeros(2, dtype=torch.int64, device=dev)
+            self._dev_failure = torch.zeros(5, dtype=torch.int64, device=dev)
+        n = x2.shape[0]
+        ok = torch.isfinite(x2.sum(dim=-1, dtype=torch.float32))
+        bad = ~ok if m is None else m & ~ok
+        nbad = bad.sum()
+        keep = ok if m is None else m & ok
+        if self.on_nonfinite == "raise":
+            failed_before = self._dev_failure[0] != 0
+            first_now = (nbad > 0) & ~failed_before
+            info = torch.stack([torch.ones((), dtype=torch.int64, device=dev),
+                                torch.full((), self._updates, dtype=torch.int64, device=dev), nbad,
+                                torch.full((), n, dtype=torch.int64, device=dev),
+                                bad.to(torch.uint8).argmax().to(torch.int64)])
+            self._dev_failure.copy_(torch.where(first_now, info, self._dev_failure))
+            keep = keep & (self._dev_failure[0] == 0)  # this update failed, or an earlier one did
+        else:
+            self._dev_counts[1] += nbad
+        self._dev_counts[0] += keep.sum()
+        if self._acc is None:
+            self._acc = torch.zeros(self.dim, self.dim, dtype=torch.float32, device=dev)
+        for start in range(0, n, self.chunk_tokens):
+            stop = min(n, start + self.chunk_tokens)
+            if self._pending + (stop - start) > self.chunk_tokens:
+                self._flush()
+            self._impl.syrk_update_(self._acc, x2[start:stop], keep[start:stop], allow_tf32=self.allow_tf32)
+            self._pending += stop - start
         return self
 
     def _validate(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -201,7 +284,7 @@ class SecondMoment:
                 f"SecondMoment.update: {nbad} of {x2.shape[0]} rows hold NaN or Inf (first at flattened row "
                 f"{first}); pass on_nonfinite='skip' to drop such rows"
             )
-        self.skipped += nbad
+        self._skipped += nbad
         log.debug("SecondMoment: skipping %d non-finite rows", nbad)
         return ~bad if m is None else m & ~bad
 
@@ -214,6 +297,7 @@ class SecondMoment:
     # ------------------------------------------------------------------ results
     def _upper(self) -> torch.Tensor:
         """Master plus the pending fp32 chunk, without flushing: reading never changes rounding."""
+        self._resolve()
         s = self._master.clone() if self._acc is None or not self._pending else self._master + self._acc
         return s.triu_()
 
@@ -224,7 +308,7 @@ class SecondMoment:
 
     def mean(self) -> torch.Tensor:
         """S / n in fp64 (the uncentred second moment C0)."""
-        if self._count == 0:
+        if self.count == 0:
             raise ValueError("SecondMoment.mean: no rows accumulated yet (count == 0)")
         return self.sum().div_(self._count)
 
@@ -238,9 +322,10 @@ class SecondMoment:
             raise ValueError(f"SecondMoment.merge: devices differ ({self.device} vs {other.device})")
         if other is self:
             raise ValueError("SecondMoment.merge: cannot merge an accumulator into itself")
-        self._master.add_(other._upper())
+        self._resolve()
+        self._master.add_(other._upper())  # resolves other's deferred counts (or raises) first
         self._count += other._count
-        self.skipped += other.skipped
+        self._skipped += other._skipped
         return self
 
     # ------------------------------------------------------------------ persistence
@@ -249,8 +334,9 @@ class SecondMoment:
 
         Plain contiguous tensors, so ``safetensors.torch.save_file`` takes them as they are.
         """
+        total = self.sum()  # resolves deferred counts (or raises) first
         return {
-            "sum": self.sum().cpu().contiguous(),
+            "sum": total.cpu().contiguous(),
             "count": torch.tensor(self._count, dtype=torch.int64),
         }
 
@@ -295,5 +381,6 @@ class SecondMoment:
             self._acc.zero_()
         self._pending = 0
         self._count = count
-        self.skipped = 0
+        self._skipped = 0
+        self._dev_counts = self._dev_failure = None  # a reload replaces any deferred state
         return self

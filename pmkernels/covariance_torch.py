@@ -3,10 +3,20 @@
 One chunk of tokens is added into an fp32 accumulator as ``acc += xᵀx`` over the kept rows.
 It computes the full product (twice the flops the other backends spend); the accumulator
 contract only asks for the upper triangle, so this stays interchangeable with them.
+
+TF32 without touching global state: torch's TF32 switch is process-wide (toggling it around a
+call races with other threads, and reading it can raise when old and new APIs were mixed), so
+this module never reads or writes it. 16-bit inputs are exact under TF32 anyway (bf16/fp16
+values fit TF32's 10-bit mantissa, so every product is exact); fp32 inputs on CUDA without
+``allow_tf32`` are multiplied in fp64 (never TF32; about the cost of exact fp32 on Hopper,
+whose fp64 tensor-core rate matches its fp32 SIMT rate), in row blocks to bound memory.
 """
 from __future__ import annotations
 
 import torch
+
+
+_FP64_BLOCK_ELEMS = 1 << 27  # 1 GiB of fp64 rows at a time
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -21,16 +31,18 @@ def syrk_update_(acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None =
     a tensor-core kernel that multiplies the narrow values and accumulates in fp32.
     """
     if mask is not None:
-        x = x[mask]
+        # On CUDA a boolean gather would synchronise (its size is data-dependent); a select keeps
+        # the shape, and padding rows (which may hold NaN) become exact zeros.
+        x = torch.where(mask[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device)) if x.is_cuda else x[mask]
     if x.shape[0] == 0:
         return
+    if x.is_cuda and x.dtype == torch.float32 and not allow_tf32:
+        rows = max(1, _FP64_BLOCK_ELEMS // x.shape[1])
+        part = None
+        for s in range(0, x.shape[0], rows):
+            xd = x[s : s + rows].double()
+            part = xd.T @ xd if part is None else part.addmm_(xd.T, xd)
+        acc.add_(part)
+        return
     xf = x.to(torch.float32)
-    if xf.is_cuda:
-        prev = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = bool(allow_tf32)
-        try:
-            acc.addmm_(xf.T, xf)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = prev
-    else:
-        acc.addmm_(xf.T, xf)
+    acc.addmm_(xf.T, xf)

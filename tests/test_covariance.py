@@ -494,3 +494,68 @@ def test_triton_and_cuda_on_a_second_gpu():
             continue
         acc = SecondMoment(136, device=dev, backend=backend).update(x)
         assert_close_to_reference(acc.sum(), x.cpu(), rows_in_fp32=300, what=f"{backend} on {dev}")
+
+
+# ----------------------------------------------------------------------------- deferred checks
+@pytest.mark.parametrize("mask_kind", ["none", "random"])
+@pytest.mark.parametrize("on_nonfinite", ["skip", "raise"])
+def test_deferred_checks_match_immediate_ones(backend, mask_kind, on_nonfinite):
+    """defer_checks (the CUDA default: no host sync in update) gives the same sums, counts and
+    skips as the immediate checks; a failure under "raise" surfaces at the next read and the
+    sums are those before the failing update (it and every later one are left out)."""
+    dev = _device_for(backend)
+    d = 24
+    xs = [_make((3, 11), d, torch.float32, seed=s, device=dev) for s in range(3)]
+    ms = [_mask(mask_kind, (3, 11), seed=s, device=dev) for s in range(3)]
+    xs[1][0, 4, 2] = float("nan")
+    xs[1][2, 7, 0] = float("inf")
+    if ms[1] is not None:
+        ms[1][0, 4] = ms[1][2, 7] = True  # the bad rows are real rows, not padding
+        ms[1][1, 3] = False
+        xs[1][1, 3, 5] = float("nan")  # a non-finite padding row is never an error
+    eager = SecondMoment(d, device=dev, backend=backend, on_nonfinite=on_nonfinite, defer_checks=False)
+    lazy = SecondMoment(d, device=dev, backend=backend, on_nonfinite=on_nonfinite, defer_checks=True)
+    lazy.update(xs[0], ms[0])
+    eager.update(xs[0], ms[0])
+    lazy.update(xs[1], ms[1])  # never raises here: nothing synchronises
+    lazy.update(xs[2], ms[2])
+    if on_nonfinite == "skip":
+        eager.update(xs[1], ms[1]).update(xs[2], ms[2])
+        assert lazy.count == eager.count and lazy.skipped == eager.skipped == 2
+        torch.testing.assert_close(lazy.sum(), eager.sum(), rtol=1e-12, atol=1e-9)
+        return
+    with pytest.raises(ValueError, match=r"2 of 33 rows hold NaN or Inf \(first at flattened row 4\)"):
+        eager.update(xs[1], ms[1])
+    for read in (lambda a: a.count, lambda a: a.sum(), lambda a: a.state_dict(), lambda a: a.mean()):
+        with pytest.raises(ValueError, match=r"2 of 33 rows hold NaN or Inf \(first at flattened row 4\) in update call 2"):
+            read(lazy)
+    # what was accumulated is exactly the first update, as after the immediate raise
+    assert eager.count == (33 if ms[0] is None else int(ms[0].sum()))
+    assert lazy._count == eager.count
+    torch.testing.assert_close((lazy._master + lazy._acc).triu(), eager.sum().triu(), rtol=1e-12, atol=1e-9)
+
+
+def test_defer_checks_default_and_validation():
+    assert SecondMoment(4, backend="torch").defer_checks is False  # CPU: immediate
+    with pytest.raises(TypeError, match="defer_checks"):
+        SecondMoment(4, backend="torch", defer_checks="yes")
+
+
+@pytest.mark.cuda
+def test_cuda_update_does_not_synchronise():
+    """The point of deferral: update() queues work and returns with no host sync."""
+    for backend in ("cuda", "triton", "torch"):
+        if _unavailable(backend) is not None:
+            continue
+        acc = SecondMoment(256, device="cuda", backend=backend)
+        assert acc.defer_checks
+        x = torch.randn(4096, 256, device="cuda")
+        m = torch.rand(4096, device="cuda") < 0.5
+        acc.update(x, m)  # warm-up (compiles)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            acc.update(x, m)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert acc.count == 2 * int(m.sum())
