@@ -8,7 +8,7 @@ backend that cannot run on the given device is an error naming why.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -20,11 +20,15 @@ def select_backend(
     requested: str,
     device: torch.device,
     available: Mapping[str, Callable[[torch.device], str | None]],
+    *,
+    gpu_order: Sequence[str] | None = None,
 ) -> str:
     """Pick a backend for ``op`` on ``device``.
 
     ``available[name](device)`` returns None when that backend can run on ``device``, else a
-    short reason why not. "torch" is always available.
+    short reason why not. "torch" is always available. ``gpu_order`` replaces the default
+    preference (cuda, triton, torch) for CUDA devices, for ops whose best backend depends on
+    the GPU (covariance on Hopper: Triton's wgmma/TMA kernel over the mma.sync CUDA one).
     """
     device = torch.device(device)
     if requested not in (*BACKENDS, "auto"):
@@ -36,7 +40,10 @@ def select_backend(
                 raise ValueError(f"PMKERNELS_BACKEND={env!r} is not one of {BACKENDS}")
             requested = env
         else:
-            order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
+            if device.type == "cuda":
+                order = tuple(gpu_order) if gpu_order is not None else ("cuda", "triton", "torch")
+            else:
+                order = ("cpu", "torch")
             for name in order:
                 if name == "torch" or available.get(name, _never)(device) is None:
                     return name

@@ -59,6 +59,16 @@ def _availability(name: str):
     return check
 
 
+def _gpu_order(device: torch.device) -> tuple[str, ...] | None:
+    """Hopper and newer: Triton first (wgmma + TMA loads, see covariance_triton), since the CUDA
+    kernel uses Ampere-style mma.sync. Unmeasured until the first GPU run (scripts/gpu_check.sh
+    times both); PMKERNELS_BACKEND or backend= choose explicitly."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return ("triton", "cuda", "torch") if torch.cuda.get_device_capability(index)[0] >= 9 else None
+
+
 def _normalize_device(device: torch.device | str) -> torch.device:
     device = torch.device(device)
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
@@ -114,7 +124,8 @@ class SecondMoment:
             raise TypeError(f"SecondMoment: defer_checks must be a bool or None, got {defer_checks!r}")
         self.defer_checks = self.device.type == "cuda" if defer_checks is None else defer_checks
         self.backend = select_backend(
-            "covariance", backend, self.device, {name: _availability(name) for name in _BACKENDS}
+            "covariance", backend, self.device, {name: _availability(name) for name in _BACKENDS},
+            gpu_order=_gpu_order(self.device),
         )
         self._impl = _backend_module(self.backend)
         # Upper triangle meaningful; the strict lower triangle is scratch (see module docstring).

@@ -559,3 +559,15 @@ def test_cuda_update_does_not_synchronise():
         finally:
             torch.cuda.set_sync_debug_mode("default")
         assert acc.count == 2 * int(m.sum())
+
+
+def test_gpu_order_puts_triton_first_when_asked(monkeypatch):
+    from pmkernels._dispatch import select_backend
+
+    monkeypatch.delenv("PMKERNELS_BACKEND", raising=False)
+    cuda = torch.device("cuda", 0)
+    ok = {"cuda": lambda dev: None, "triton": lambda dev: None}
+    assert select_backend("covariance", "auto", cuda, ok) == "cuda"
+    assert select_backend("covariance", "auto", cuda, ok, gpu_order=("triton", "cuda", "torch")) == "triton"
+    ok["triton"] = lambda dev: "no triton"
+    assert select_backend("covariance", "auto", cuda, ok, gpu_order=("triton", "cuda", "torch")) == "cuda"
