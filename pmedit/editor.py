@@ -71,6 +71,7 @@ class Editor:
         self._factors: dict[int, SPDFactor] = {}
         self._kept_keys: dict[int, list[torch.Tensor]] = {}
         self.method_state: dict[str, torch.Tensor] = {}
+        self.method_cache: dict[Any, Any] = {}  # EditContext.cache: derived data, never saved
         self._templates: list[str] | None = list(templates) if templates is not None else None
         self.context_class = context_class
         self.n_edits = 0
@@ -139,8 +140,18 @@ class Editor:
         from pmedit.stats import load_or_collect
 
         hp = self.hparams
-        stats = load_or_collect(self.model, self.tokenizer, list(self.layers), corpus=hp.mom2_corpus,
-                                max_tokens=hp.mom2_tokens, cache_dir=self.cache_dir, progress=self.progress)
+        # The cache is keyed by the model's fingerprint: look it up with the original weights in
+        # place (a method may ask mid-sequence, or after some layers of a batch were written).
+        edited = self._weights_now() if any(not torch.equal(self._weight(i), self._original[i])
+                                            for i in self.layers) else None
+        try:
+            if edited is not None:
+                self._write_all(self._original)
+            stats = load_or_collect(self.model, self.tokenizer, list(self.layers), corpus=hp.mom2_corpus,
+                                    max_tokens=hp.mom2_tokens, cache_dir=self.cache_dir, progress=self.progress)
+        finally:
+            if edited is not None:
+                self._write_all(edited)
         return stats[layer].mean
 
     def _make_factors(self) -> None:
@@ -148,7 +159,9 @@ class Editor:
         dtype = torch.float64 if hp.mom2_dtype == "float64" else torch.float32
         for layer in self.layers:
             device = self._weight(layer).device
-            C = (hp.lam * self.second_moment(layer).to(device=device, dtype=torch.float64)).to(dtype)
+            C0 = self.second_moment(layer).to(device=device, dtype=torch.float64)
+            build = self.method_impl.preservation_matrix
+            C = (build(hp, C0) if build is not None else hp.lam * C0).to(dtype)
             self._base_factors[layer] = SPDFactor(C, name=f"C (layer {layer})")
         self._factors = dict(self._base_factors)
         for layer, Ks in self._kept_keys.items():  # a loaded sequence: replay its rank updates

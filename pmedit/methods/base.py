@@ -41,6 +41,8 @@ class Method:
     per model preset (merged over the model-level preset of the same name). ``uses_preservation``:
     whether the Editor must compute C0 and factor λ·C0 before the first edit. ``check_batch``
     runs before any expensive work of a batch (value optimisation) to refuse what cannot work.
+    ``preservation_matrix(hp, C0)``: the matrix the Editor factors for each layer (default λ·C0;
+    ENCORE adds μ·I).
     """
 
     name: str
@@ -51,6 +53,7 @@ class Method:
     presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     uses_preservation: bool = True
     check_batch: Callable[[EditHparams, int, int], None] | None = None
+    preservation_matrix: Callable[[EditHparams, torch.Tensor], torch.Tensor] | None = None
 
 
 class EditContext:
@@ -71,6 +74,10 @@ class EditContext:
         self.factors: dict[int, SPDFactor] = dict(editor._factors)
         self.kept_keys: dict[int, list[torch.Tensor]] = {k: list(v) for k, v in editor._kept_keys.items()}
         self.state: dict[str, torch.Tensor] = dict(editor.method_state)
+        # Derived data a method may keep for the Editor's lifetime (a projector, a factor), never
+        # saved and not batch-local: only for what is a pure function of its own key.
+        self.cache: dict = editor.method_cache
+        self.cache_dir = editor.cache_dir
 
     @property
     def d(self) -> int:
