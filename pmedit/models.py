@@ -124,19 +124,15 @@ def load_model(
 
 
 def check_finite(model: nn.Module, names: list[str] | None = None) -> None:
-    """ValueError naming the first parameter (of ``names``, default all) holding inf or NaN.
-
-    A damaged checkpoint otherwise fails far from its cause (a sampling error while generating
-    context templates, a non-finite C0). One pass over the weights: ~0.1 s on SmolLM2.
-    """
+    """ValueError naming the first weight (of ``names``, default all) holding inf or NaN; a damaged
+    checkpoint otherwise fails far from its cause (a sampling error while generating context
+    templates). One pass over the weights: ~0.1 s on SmolLM2."""
     params = dict(model.named_parameters())
-    for name in names if names is not None else sorted(params):
-        p = params[name] if name in params else model.get_parameter(name)
-        if p.device.type == "meta":
-            continue
-        with torch.no_grad():
-            bad = ~torch.isfinite(p)
-            if bool(bad.any()):
+    with torch.no_grad():
+        for name in names if names is not None else sorted(params):
+            p = params[name] if name in params else model.get_parameter(name)
+            bad = ~torch.isfinite(p) if p.device.type != "meta" else None
+            if bad is not None and bool(bad.any()):
                 first = [int(i) for i in bad.nonzero()[0]]
                 raise ValueError(f"model weight {name} holds {int(bad.sum())} non-finite value(s) (first at {first}: "
                                  f"{float(p[tuple(first)])}); the model file is damaged or was edited badly")
@@ -347,13 +343,10 @@ def _module_path(model: nn.Module, target: nn.Module) -> str:
 def fingerprint(model: nn.Module) -> str:
     """A 16-hex-digit SHA-256 digest of the model config and every byte of every weight.
 
-    Any change to any element (one flipped bit, a NaN row, a sparse edit) changes it, so caches
-    and delta files keyed by it never serve another model's numbers. A bf16 copy of a model has
-    other bytes and so another fingerprint, on purpose (its statistics differ too); bytes are
-    the same on every device. Tensors are hashed in parallel threads (hashlib releases the GIL;
-    SHA-256 runs at ~1.7 GB/s per core with SHA-NI). Nothing is cached between calls: a write
-    through ``.data`` or a numpy view bumps no version counter, so no cheap check could tell a
-    cached digest is still right.
+    Any change to any element (a flipped bit, a NaN row) changes it; a bf16 copy has other bytes
+    and so another fingerprint, on purpose. Tensors hash in parallel threads (~1.7 GB/s per core
+    with SHA-NI). Nothing is cached: writes through ``.data`` or numpy bump no version counter,
+    so no cheap check could tell that a cached digest still holds.
     """
     h = hashlib.sha256()
     cfg = getattr(model, "config", None)
@@ -384,10 +377,7 @@ def _tensor_key(t: torch.Tensor) -> tuple:
 
 
 def _bytes_digest(t: torch.Tensor) -> bytes:
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.to("cpu")
-    flat = t.contiguous().reshape(-1)
+    flat = t.detach().to("cpu").contiguous().reshape(-1)  # .to is a no-op on the CPU
     return hashlib.sha256(memoryview(flat.view(torch.uint8).numpy())).digest()
 
 

@@ -240,3 +240,14 @@ def test_interrupt_is_one_line(capsys, monkeypatch):
     monkeypatch.setattr(experiment, "run", interrupted)
     assert cli.main(["experiment", "batch", "--config", "x.json"]) == 130
     assert capsys.readouterr().err == "pmedit experiment: interrupted\n"
+
+
+def test_bad_arguments_are_one_line(capsys):
+    for argv, words in [(["edit", "--batch-size", "x"], "argument --batch-size: invalid int value: 'x'"),
+                        (["experiment"], "required: name"),
+                        (["stats", "--layers", "5-2"], "bad layer list '5-2'")]:
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"pmedit {argv[0]}: error: ") and words in err, err
