@@ -79,14 +79,17 @@ def shard_batches(plan: S.Plan, world: int) -> list[list[int]]:
 class _Comm:
     """rank, world size, the gloo group for metadata (and host reductions) and what to say on loss."""
 
-    def __init__(self, checkpoint_hint: str = ""):
+    def __init__(self, checkpoint_hint: str = "", *, local: bool = False):
+        self.hint = checkpoint_hint
+        if local:  # one process without a process group (bounded mode on a single machine)
+            self.rank, self.world, self.backend, self.host = 0, 1, None, None
+            return
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("torch.distributed is not initialised: run under torchrun (see README, "
                                "'many GPUs / many machines') or call torch.distributed.init_process_group first")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.backend = dist.get_backend()
         self.host = None if self.backend == "gloo" else dist.new_group(backend="gloo")
-        self.hint = checkpoint_hint
 
     def close(self) -> None:
         if self.host is not None:
@@ -102,8 +105,18 @@ class _Comm:
                 f"rank {self.rank} of {self.world}: lost contact with another rank while {what} ({e}). A rank "
                 f"died or was killed; no statistics were written.{self.hint}") from e
 
+    def all_reduce(self, t: torch.Tensor, *, on_device: bool = False) -> None:
+        if self.backend is not None:
+            dist.all_reduce(t, group=None if on_device else self.host)
+
+    def broadcast(self, t: torch.Tensor) -> None:
+        if self.backend is not None:
+            dist.broadcast(t, 0, group=self.host)
+
     def exchange(self, obj, what: str) -> list:
         """Every rank's ``obj`` (JSON-able), in rank order."""
+        if self.backend is None:
+            return [json.loads(json.dumps(obj))]
         data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
         with self.talking(what):
             n = torch.tensor([data.numel()], dtype=torch.int64)
@@ -205,7 +218,8 @@ def collect_distributed(model: nn.Module, tokenizer, layers: int | Iterable[int]
                         max_length: int | None = None, progress: bool = True, backend: str = "auto",
                         checkpoint_dir: str | os.PathLike | None = None,
                         checkpoint_tokens: int = S.DEFAULT_CHECKPOINT_TOKENS, layers_per_pass: int | None = None,
-                        reduce: str = "auto", on_group=None, spec: ModelSpec | None = None) -> dict[int, S.LayerStats]:
+                        reduce: str = "auto", on_group=None, spec: ModelSpec | None = None,
+                        _local: bool = False) -> dict[int, S.LayerStats]:
     """Σ k kᵀ over the same ``max_tokens`` tokens one process would use, split over the ranks.
 
     Call on every rank with the same arguments. Returns {layer: LayerStats} (reduced sums, on
@@ -215,7 +229,7 @@ def collect_distributed(model: nn.Module, tokenizer, layers: int | Iterable[int]
     from pmkernels.covariance import SecondMoment
 
     comm = _Comm(f" Restarting with the same world size resumes from the rank checkpoints in {checkpoint_dir}."
-                 if checkpoint_dir is not None else "")
+                 if checkpoint_dir is not None else "", local=_local)
     try:
         if reduce not in ("auto", "host", "device"):
             raise ValueError(f"reduce must be 'auto', 'host' or 'device', got {reduce!r}")
@@ -332,13 +346,13 @@ def _collect_group(comm: _Comm, model, tokenizer, spec, plan, shard, layers, cor
         with comm.talking(f"reducing layer {layer}"):
             if mode == "device":
                 s = sms[layer].sum()
-                dist.all_reduce(s)
+                comm.all_reduce(s, on_device=True)
                 s = s.cpu()
             else:
                 s = _host_sum(sms[layer])
-                dist.all_reduce(s, group=comm.host)
+                comm.all_reduce(s)
             c = torch.tensor([sms[layer].count], dtype=torch.int64)
-            dist.all_reduce(c, group=comm.host)
+            comm.all_reduce(c)
         del sms[layer]  # free the device memory before the next layer's host copy
         count = int(c)
         if count != plan.tokens:
@@ -359,13 +373,15 @@ def load_or_collect_distributed(model: nn.Module, tokenizer, layers: int | Itera
 
     Rank 0's cache decides which layers are missing; those are collected by all ranks and rank 0
     writes them (the files one process would write). Every rank returns every layer (cached
-    ones are broadcast from rank 0). Without an initialised process group this is load_or_collect.
+    ones are broadcast from rank 0). Without an initialised process group this is load_or_collect,
+    or with ``layers_per_pass`` the same bounded passes in this one process.
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    local = not (dist.is_available() and dist.is_initialized())
+    if local and layers_per_pass is None:
         return S.load_or_collect(model, tokenizer, layers, corpus=corpus, max_tokens=max_tokens, cache_dir=cache_dir,
                                  progress=progress, batch_tokens=batch_tokens, seed=seed, max_length=max_length,
                                  checkpoint_tokens=checkpoint_tokens, backend=backend)
-    comm = _Comm()
+    comm = _Comm(local=local)
     try:
         def look():
             spec = ModelSpec.from_model(model)
@@ -395,8 +411,8 @@ def load_or_collect_distributed(model: nn.Module, tokenizer, layers: int | Itera
             with comm.talking(f"sending cached layer {layer}"):
                 s = have[layer].sum if comm.rank == 0 else torch.empty((spec.intermediate_size,) * 2, dtype=torch.float64)
                 c = torch.tensor([have[layer].count if comm.rank == 0 else 0], dtype=torch.int64)
-                dist.broadcast(s, 0, group=comm.host)
-                dist.broadcast(c, 0, group=comm.host)
+                comm.broadcast(s)
+                comm.broadcast(c)
             if comm.rank != 0:
                 out[layer] = S.LayerStats(mean=s / int(c), count=int(c), layer=layer, meta=dict(keys[layer]))
         missing = [layer for layer in lays if layer not in cached]
@@ -418,7 +434,8 @@ def load_or_collect_distributed(model: nn.Module, tokenizer, layers: int | Itera
             got = collect_distributed(model, tokenizer, missing, corp, max_tokens=max_tokens, batch_tokens=batch_tokens,
                                       seed=seed, max_length=ctx, progress=progress, backend=backend,
                                       checkpoint_dir=ckpt, checkpoint_tokens=checkpoint_tokens,
-                                      layers_per_pass=layers_per_pass, reduce=reduce, on_group=store, spec=spec)
+                                      layers_per_pass=layers_per_pass, reduce=reduce, on_group=store, spec=spec,
+                                      _local=local)
             out.update(got)
         return {layer: out[layer] for layer in lays}
     finally:
