@@ -48,14 +48,17 @@ class Editor:
     ``second_moments`` ({layer: C0 [d, d]}) replaces the statistics pmedit.stats would collect
     (the layers must match); ``cache_dir`` is where those statistics are cached. ``templates``
     replaces the generated context templates. ``context_class`` (an EditContext subclass)
-    changes where keys and values come from, e.g. a store of precomputed ones, or fakes in tests.
+    changes where keys and values come from (fakes in tests, say). ``value_store`` (a
+    :class:`~pmedit.value_store.ValueStore` or its directory) reuses the keys and values of
+    records already computed on these unedited weights with these settings.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, method: str | None = None,
                  layers: Sequence[int] | None = None, hparams: EditHparams | str | Mapping | None = None, *,
                  cache_dir: str | os.PathLike | None = None,
                  second_moments: Mapping[int, torch.Tensor] | None = None, progress: bool = True,
-                 templates: Sequence[str] | None = None, context_class: type[EditContext] = EditContext) -> None:
+                 templates: Sequence[str] | None = None, context_class: type[EditContext] = EditContext,
+                 value_store: Any = None) -> None:
         self.hparams = EditHparams.resolve(hparams, method=method, layers=layers, where="Editor")
         self.method_impl = get_method(self.hparams.method)
         self.model, self.tokenizer = model, tokenizer
@@ -74,12 +77,18 @@ class Editor:
         self.method_cache: dict[Any, Any] = {}  # EditContext.cache: derived data, never saved
         self._templates: list[str] | None = list(templates) if templates is not None else None
         self.context_class = context_class
+        self.value_store = _open_store(value_store)
         self.n_edits = 0
         self.reports: list[EditReport] = []
 
     @property
     def method(self) -> str:
         return self.hparams.method
+
+    @property
+    def fingerprint(self) -> str:
+        """The unedited model's fingerprint (taken when this Editor was made)."""
+        return self.spec.fingerprint
 
     @property
     def templates(self) -> list[str]:
@@ -320,3 +329,11 @@ def _check_second_moments(c0: Mapping[int, torch.Tensor], layers: tuple[int, ...
             raise ValueError(f"second_moments[{layer}]: expected a [{d}, {d}] tensor, got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
     return {layer: c0[layer] for layer in layers}
+
+
+def _open_store(store: Any):
+    if store is None:
+        return None
+    from pmedit.value_store import ValueStore
+
+    return store if isinstance(store, ValueStore) else ValueStore(store)

@@ -61,6 +61,12 @@ class ExperimentConfig:
     chunk_size: int = 16
     eval_points: tuple[int, ...] = ()
     baseline: bool = True  # also score the unedited model
+    # batch / lambda-sweep: "independent" splits the records into total_edits/B batches, each on
+    # the unedited model, all records scored; "first-b" is the study's literal protocol (the
+    # first B records in one batch, those B scored)
+    batch_protocol: str = "independent"
+    # keys/values reused across units and runs: "default" (PMEDIT_CACHE/values), a path, or None
+    value_store: str | None = "default"
     eval: EvalSettings = field(default_factory=EvalSettings)
     out_dir: str | None = None
 
@@ -99,6 +105,16 @@ class ExperimentConfig:
             badp = [p for p in self.eval_points if not _is_int(p) or not 0 < p <= self.total_edits]
             if badp:
                 raise ValueError(f"experiment config field 'eval_points': {badp} outside 1..{self.total_edits}")
+        if self.batch_protocol not in ("independent", "first-b"):
+            raise ValueError(f"experiment config field 'batch_protocol': {self.batch_protocol!r} is not one of "
+                             "['independent', 'first-b']")
+        if self.experiment in ("batch", "lambda-sweep") and self.batch_protocol == "independent":
+            bad = [b for b in self.batch_sizes if self.total_edits % b]
+            if bad:
+                raise ValueError(f"experiment config field 'batch_sizes': {bad} do not divide total_edits="
+                                 f"{self.total_edits} (the independent protocol splits the records into batches)")
+        if self.value_store is not None and (not isinstance(self.value_store, str) or not self.value_store.strip()):
+            raise ValueError(f"experiment config field 'value_store': a path, \"default\" or null, got {self.value_store!r}")
         if self.experiment == "lambda-sweep":
             if not self.lambdas or any(not isinstance(x, (int, float)) or isinstance(x, bool) or x < 0 for x in self.lambdas):
                 raise ValueError(f"experiment config field 'lambdas': non-negative numbers required, got {list(self.lambdas)}")

@@ -9,8 +9,9 @@ continues from them with ``Editor.load_deltas``, which reproduces the uninterrup
 (deltas files are bit-exact and carry kept keys and method state). A checkpoint is removed only
 once the run state records a later one, so a kill between the two writes loses nothing.
 
-- ``layer-sweep``: each record edited alone on each layer (singular edits; each delta is rank
-  one and is evaluated through a per-row hook, see :class:`pmedit.evaluation.hooks.RankOneEdits`).
+- ``layer-sweep``: each record edited alone on each layer (singular edits; a closed form's delta
+  is rank one and is evaluated through a per-row hook, see :class:`pmedit.evaluation.hooks.RankOneEdits`;
+  a fine-tuned one (LocFT-BF) is dense and goes through :class:`~pmedit.evaluation.hooks.GroupDeltas`).
 - ``batch``: the first B records in one batch, scored on those B, for each B.
 - ``sequential-batch``: all ``total_edits`` records in sequential batches of B, scored after
   the batches that reach an ``eval_points`` count (and at the end) on all edits so far.
@@ -19,6 +20,7 @@ once the run state records a later one, so a kill between the two writes loses n
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -30,7 +32,8 @@ import torch
 from tqdm.auto import tqdm
 
 from pmedit.data import load_counterfact, select
-from pmedit.evaluation import RankOneEdits, evaluate_counterfact, load_heldout_text, perplexity, rank_one_factors
+from pmedit.evaluation import (GroupDeltas, RankOneEdits, evaluate_counterfact, load_heldout_text, low_rank_factors,
+                               perplexity, rank_one_factors)
 from pmedit.experiments.config import ExperimentConfig
 from pmedit.experiments.store import RunStore, write_csv
 from pmedit.fileio import atomic_write_json, machine_info
@@ -91,6 +94,7 @@ class _Runner:
             raise ValueError(f"{cfg.data} holds {len(self.records)} records, total_edits={cfg.total_edits}")
         self.requests = [r.as_memit_dict() for r in self.records]
         self._ppl_texts = None
+        self.value_store = _value_store(cfg)
         self._open_seq: tuple[str, Any] | None = None  # (sequence name, Editor) in progress
 
     # ------------------------------------------------------------------ helpers
@@ -98,7 +102,7 @@ class _Runner:
         from pmedit.editor import Editor
 
         return Editor(self.model, self.tok, hparams=self.hparams(method, layer, **hp_changes),
-                      second_moments=self._c0(layer), progress=False)
+                      second_moments=self._c0(layer), progress=False, value_store=self.value_store)
 
     def hparams(self, method: str, layer: int, **hp_changes):
         return self.cfg.edit_hparams(method, **hp_changes).replace(layers=[layer])
@@ -106,11 +110,11 @@ class _Runner:
     def _c0(self, layer: int):
         return None if self.second_moments is None else {layer: self.second_moments[layer]}
 
-    def evaluate(self, records, *, edits=None, with_ppl=True) -> dict:
+    def evaluate(self, records, *, edits=None, groups=None, with_ppl=True) -> dict:
         e = self.cfg.eval
         t0 = time.perf_counter()
         res = evaluate_counterfact(
-            self.model, self.tok, records, edits=edits, batch_size=e.batch_size,
+            self.model, self.tok, records, edits=edits, groups=groups, batch_size=e.batch_size,
             generation_accuracy=e.generation_accuracy, entropy=e.entropy, max_gen_prompts=e.max_gen_prompts,
             gen_length=e.gen_length, seed=self.cfg.seed, progress=False,
         )
@@ -120,7 +124,10 @@ class _Runner:
         if with_ppl and e.perplexity:
             if self._ppl_texts is None:
                 self._ppl_texts = load_heldout_text(e.ppl_text, max_chars=e.ppl_tokens * 8)
-            out["ppl"] = perplexity(self.model, self.tok, self._ppl_texts, max_tokens=e.ppl_tokens, window=e.ppl_window)["ppl"]
+            # Under independent group updates the text is scored with the first group's update.
+            with _first_group(edits):
+                out["ppl"] = perplexity(self.model, self.tok, self._ppl_texts, max_tokens=e.ppl_tokens,
+                                        window=e.ppl_window)["ppl"]
         out["eval_seconds"] = time.perf_counter() - t0
         return out
 
@@ -135,26 +142,34 @@ class _Runner:
         cs = self.cfg.chunk_size
         idx = range(u.index * cs, min((u.index + 1) * cs, len(self.records)))
         ed = self.editor(u.method, u.layer)
-        Us, Vs = [], []
+        factors = []  # (u [d_out, r], v [d, r]) per edit: r = 1 for the closed forms
         t0 = time.perf_counter()
         try:
             for i in idx:
                 ed.edit([self.requests[i]], batch_size=1)
-                u_vec, v_vec = rank_one_factors(ed.deltas()[u.layer])
+                delta = ed.deltas()[u.layer]
+                try:
+                    u_vec, v_vec = rank_one_factors(delta)
+                    factors.append((u_vec[:, None], v_vec[:, None]))
+                except ValueError:  # fine-tuning (LocFT-BF) writes a dense update: keep all of it
+                    factors.append(low_rank_factors(delta, rtol=0.0))
                 ed.restore()
-                Us.append(u_vec)
-                Vs.append(v_vec)
         finally:
             ed.restore()
         edit_s = time.perf_counter() - t0
         W = ed.spec.down_proj(self.model, u.layer)
-        out = self.evaluate([self.records[i] for i in idx], edits=RankOneEdits(W, torch.stack(Us), torch.stack(Vs)),
-                            with_ppl=False)
+        if all(U.shape[1] == 1 for U, _ in factors):
+            edits = RankOneEdits(W, torch.stack([U[:, 0] for U, _ in factors]), torch.stack([V[:, 0] for _, V in factors]))
+        else:
+            edits = GroupDeltas(W, factors)
+        out = self.evaluate([self.records[i] for i in idx], edits=edits, with_ppl=False)
         out["edit_seconds"] = edit_s
         return out
 
     def _batch(self, u: Unit, **hp_changes) -> dict:
         ed = self.editor(u.method, u.layer, **hp_changes)
+        if self.cfg.batch_protocol == "independent":
+            return self._independent(ed, u)
         try:
             t0 = time.perf_counter()
             rep = ed.edit(self.requests[: u.batch_size], batch_size=u.batch_size)
@@ -164,6 +179,23 @@ class _Runner:
             out["update_norm"] = rep.batches[-1].update_norms.get(u.layer)
         finally:
             ed.restore()
+        return out
+
+    def _independent(self, ed, u: Unit) -> dict:
+        """All records, in N/B independent batches on the unedited model, each record scored
+        under its own batch's update (pmedit.groups; nothing is written)."""
+        from pmedit.groups import independent_updates
+
+        t0 = time.perf_counter()
+        up = independent_updates(ed, self.requests, u.batch_size)
+        edit_s = time.perf_counter() - t0
+        edits = GroupDeltas(ed.spec.down_proj(self.model, u.layer), up.factors)
+        out = self.evaluate(self.records, edits=edits, groups=up.group_of(len(self.records)))
+        rep = up.report
+        out.update(n_edits=len(self.records), edit_seconds=edit_s, seconds_values=rep.seconds_values, seconds_keys=rep.seconds_keys,
+                   seconds_solve=rep.seconds_solve, store_hits=rep.extra.get("store_hits", 0),
+                   n_groups=len(up.factors), unconverged=len(rep.unconverged))
+        out.pop("records", None)  # the summary is what the batch experiment reports
         return out
 
     def _lambda(self, u: Unit) -> dict:
@@ -228,6 +260,36 @@ class _Runner:
             self._open_seq = None
 
 
+def _value_store(cfg: ExperimentConfig):
+    """The run's key/value store: ``"default"`` is shared by every run on this machine
+    (``PMEDIT_CACHE/values``; entries are keyed by model, layer, settings and request, so
+    sharing is safe), a path is its own store, None computes everything afresh."""
+    if cfg.value_store is None:
+        return None
+    from pmedit.models import cache_root
+    from pmedit.value_store import ValueStore
+
+    return ValueStore(cache_root() / "values" if cfg.value_store == "default" else Path(cfg.value_store))
+
+
+@contextlib.contextmanager
+def _first_group(edits):
+    """Group 0's update written into the weight (restored exactly after): perplexity of an
+    independent-batches run is that of the model its first batch edits."""
+    if not isinstance(edits, GroupDeltas) or not len(edits):
+        yield
+        return
+    W = edits.module.weight
+    saved = W.detach().clone()
+    try:
+        with torch.no_grad():
+            W.copy_((W.double() + edits.U[0].double() @ edits.V[0].double().mT).to(W.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            W.copy_(saved)
+
+
 # ------------------------------------------------------------------------------ rows
 
 
@@ -237,8 +299,10 @@ def _row(cfg, u: Unit | None, res: dict, **extra) -> dict:
     for k in ("es", "ps", "ns", "score", "es_mag", "ps_mag", "ns_mag", "es_acc", "ps_acc", "ns_acc", "gen_acc", "ge"):
         row[k] = s.get(k)
     row["ppl"] = res.get("ppl")
-    row["edit_seconds"] = res.get("edit_seconds")
-    row["eval_seconds"] = res.get("eval_seconds")
+    for k in ("edit_seconds", "seconds_values", "seconds_keys", "seconds_solve", "eval_seconds", "n_groups",
+              "unconverged"):
+        if k in res or k in ("edit_seconds", "eval_seconds"):
+            row[k] = res.get(k)
     return row
 
 
@@ -331,14 +395,24 @@ def run_experiment(
         runner._close_seq()  # never leave the caller's model edited
         bar.close()
     rows = collect_rows(cfg, units, store.units)
-    return _write_results(cfg, root, rows, plot)
+    return _write_results(cfg, root, rows, plot, value_store=_store_summary(runner.value_store))
 
 
-def _write_results(cfg: ExperimentConfig, root: Path, rows: list[dict], plot: bool) -> dict:
+def _store_summary(store) -> dict | None:
+    """Lookups, computations and reuse factor of this invocation's key/value store."""
+    if store is None:
+        return None
+    return {"path": str(store.root), "entries": len(store), "lookups": store.hits + store.misses,
+            "computed": store.misses, "reuse_factor": store.reuse_factor()}
 
-    atomic_write_json(root / "results.json", {"config": cfg.to_dict(), "machine": machine_info(), "rows": rows})
+
+def _write_results(cfg: ExperimentConfig, root: Path, rows: list[dict], plot: bool, *,
+                   value_store: dict | None = None) -> dict:
+
+    atomic_write_json(root / "results.json", {"config": cfg.to_dict(), "machine": machine_info(), "rows": rows,
+                                              "value_store": value_store})
     write_csv(root / "results.csv", rows)
-    out = {"rows": rows, "out_dir": str(root)}
+    out = {"rows": rows, "out_dir": str(root), "value_store": value_store}
     if plot:
         from pmedit.experiments.plots import plot_rows
 

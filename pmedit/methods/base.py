@@ -41,7 +41,8 @@ class Method:
     per model preset (merged over the model-level preset of the same name). ``uses_preservation``:
     whether the Editor must compute C0 and factor λ·C0 before the first edit. ``check_batch``
     runs before any expensive work of a batch (value optimisation) to refuse what cannot work.
-    ``preservation_matrix(hp, C0)``: the matrix the Editor factors for each layer (default λ·C0;
+    ``solve_groups(ctx, K, R, group_size)``: the updates of many independent batches of one layer
+    at once, as low-rank factors (pmedit.groups; optional). ``preservation_matrix(hp, C0)``: the matrix the Editor factors for each layer (default λ·C0;
     ENCORE adds μ·I).
     """
 
@@ -54,6 +55,7 @@ class Method:
     uses_preservation: bool = True
     check_batch: Callable[[EditHparams, int, int], None] | None = None
     preservation_matrix: Callable[[EditHparams, torch.Tensor], torch.Tensor] | None = None
+    solve_groups: Callable[[EditContext, torch.Tensor, torch.Tensor, int], list] | None = None
 
 
 class EditContext:
@@ -74,6 +76,7 @@ class EditContext:
         self.factors: dict[int, SPDFactor] = dict(editor._factors)
         self.kept_keys: dict[int, list[torch.Tensor]] = {k: list(v) for k, v in editor._kept_keys.items()}
         self.state: dict[str, torch.Tensor] = dict(editor.method_state)
+        self._written = False
         # Derived data a method may keep for the Editor's lifetime (a projector, a factor), never
         # saved and not batch-local: only for what is a pure function of its own key.
         self.cache: dict = editor.method_cache
@@ -138,6 +141,7 @@ class EditContext:
         if layer not in self.layers:
             raise EditError(f"{self.where}: layer {layer} is not one of this Editor's layers {list(self.layers)}")
         new = self._ed.checked_new_weight(layer, delta, where=f"{self.where}, layer {layer}")
+        self._written = True
         with torch.no_grad():
             self.weight(layer).copy_(new)
 
@@ -148,53 +152,89 @@ class EditContext:
         for s in bar:
             yield reqs[s:s + size]
 
+    def _store(self):
+        """The Editor's value store while the weights are the unedited ones (no earlier batch,
+        no write yet in this one), else None: only then are stored keys and values valid."""
+        store = self._ed.value_store
+        return store if store is not None and self._ed.n_edits == 0 and not self._written else None
+
+    def _stored(self, kind: str, reqs: list, layer: int, settings: dict, compute, fields: tuple[str, ...]):
+        """Per-request tensors ``fields`` from the store, computing (and storing, chunk by chunk,
+        so a killed run keeps what it finished) the missing ones with ``compute(chunk)``."""
+        from pmedit.value_store import entry_key
+
+        store = self._store()
+        if store is None:
+            return [compute(chunk) for chunk in self._chunks(reqs, self._chunk_size(kind), kind)]
+        keys = [entry_key(kind, self._ed.fingerprint, layer, settings, self.templates, r) for r in reqs]
+        found = store.get_many(keys)
+        self.report.extra["store_hits"] = self.report.extra.get("store_hits", 0) + sum(f is not None for f in found)
+        todo = [i for i, f in enumerate(found) if f is None]
+        for idx in (todo[s:s + self._chunk_size(kind)] for s in range(0, len(todo), self._chunk_size(kind))):
+            out = compute([reqs[i] for i in idx])
+            entries = {keys[i]: {f: out[f][j] for f in fields} for j, i in enumerate(idx)}
+            store.put_many(entries)
+            for j, i in enumerate(idx):
+                found[i] = entries[keys[i]]
+        return [{f: torch.stack([found[i][f] for i in range(len(reqs))]) for f in fields}] if reqs else []
+
+    def _chunk_size(self, kind: str) -> int:
+        hp = self.hparams
+        return hp.value_batch_size if kind == "values" else max(hp.key_batch_size, 256)
+
     def keys(self, reqs: list, layer: int) -> torch.Tensor:
         """K [d, E] in fp64 (CPU): the keys of ``reqs`` at ``layer`` on the current weights."""
         from pmedit.keys import compute_keys
 
         hp = self.hparams
         t0 = time.perf_counter()
-        parts = []
-        for chunk in self._chunks(reqs, max(hp.key_batch_size, 256), f"keys L{layer}"):
+
+        def compute(chunk):
             k = compute_keys(self.model, self.tokenizer, self.spec, layer, chunk, self.templates,
                              batch_size=hp.key_batch_size)
             if tuple(k.shape) != (len(chunk), self.d):
                 raise EditError(f"compute_keys returned {tuple(k.shape)} for {len(chunk)} requests at layer "
                                 f"{layer}; expected [{len(chunk)}, {self.d}]")
-            parts.append(k.detach().to(device="cpu", dtype=torch.float64))
-        K = torch.cat(parts).mT.contiguous()
+            return {"key": k.detach().to(device="cpu", dtype=torch.float64)}
+
+        parts = self._stored("keys", reqs, layer, {}, compute, ("key",))
+        K = torch.cat([p["key"] for p in parts]).mT.contiguous()
         self.report.seconds_keys += time.perf_counter() - t0
         return K
 
     def values(self, reqs: list, layer: int, **options: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """(z, h) [E, hidden] fp64: optimised targets and current outputs of ``layer``.
 
-        Optimised in chunks of ``value_batch_size`` to bound memory; per-edit losses and steps go
-        into the report; a non-finite target is an EditError naming the request. ``options``
-        override or extend the keyword arguments given to ``optimize_values`` (a method with
-        its own stopping rule passes it here).
+        Optimised in chunks of ``value_batch_size`` to bound memory (or read from the Editor's
+        value store); per-edit losses and steps go into the report; a non-finite target is an
+        EditError naming the request. ``options`` override or extend the keyword arguments given
+        to ``optimize_values`` (a method with its own stopping rule passes it here); the store
+        keys entries by exactly those arguments.
         """
         from pmedit.values import optimize_values
 
         hp, rep = self.hparams, self.report
         t0 = time.perf_counter()
-        Zs, Hs = [], []
-        for chunk in self._chunks(reqs, hp.value_batch_size, "values"):
-            kwargs = dict(lr=hp.lr, steps=hp.steps, kl_factor=hp.kl_factor, weight_decay=hp.weight_decay,
-                          clamp_norm_factor=hp.clamp_norm_factor, loss_stop=hp.loss_stop,
-                          stop_on_argmax=hp.stop_on_argmax, batch_size=hp.value_batch_size)
-            kwargs.update(options)
+        kwargs = dict(lr=hp.lr, steps=hp.steps, kl_factor=hp.kl_factor, weight_decay=hp.weight_decay,
+                      clamp_norm_factor=hp.clamp_norm_factor, loss_stop=hp.loss_stop,
+                      stop_on_argmax=hp.stop_on_argmax, batch_size=hp.value_batch_size)
+        kwargs.update(options)
+
+        def compute(chunk):
             res = optimize_values(self.model, self.tokenizer, self.spec, layer, chunk, self.templates, **kwargs)
             z, h = res.z.detach(), res.h.detach()
             if tuple(z.shape) != (len(chunk), self.spec.hidden_size) or z.shape != h.shape:
                 raise EditError(f"optimize_values returned z {tuple(z.shape)}, h {tuple(h.shape)} for "
                                 f"{len(chunk)} requests; expected [{len(chunk)}, {self.spec.hidden_size}]")
-            Zs.append(z.to(device="cpu", dtype=torch.float64))
-            Hs.append(h.to(device="cpu", dtype=torch.float64))
-            rep.value_losses.extend(_per_edit(res.losses, len(chunk), "losses", float))
-            rep.value_steps.extend(_per_edit(res.steps, len(chunk), "steps", int))
+            return {"z": z.to(device="cpu", dtype=torch.float64), "h": h.to(device="cpu", dtype=torch.float64),
+                    "loss": torch.tensor(_per_edit(res.losses, len(chunk), "losses", float), dtype=torch.float64),
+                    "steps": torch.tensor(_per_edit(res.steps, len(chunk), "steps", int), dtype=torch.int64)}
+
+        parts = self._stored("values", reqs, layer, kwargs, compute, ("z", "h", "loss", "steps"))
+        Z, H = torch.cat([p["z"] for p in parts]), torch.cat([p["h"] for p in parts])
+        rep.value_losses.extend(float(x) for p in parts for x in p["loss"].tolist())
+        rep.value_steps.extend(int(x) for p in parts for x in p["steps"].tolist())
         rep.seconds_values += time.perf_counter() - t0
-        Z, H = torch.cat(Zs), torch.cat(Hs)
         bad = ~(torch.isfinite(Z).all(dim=1) & torch.isfinite(H).all(dim=1))
         if bool(bad.any()):
             row = int(bad.nonzero()[0])

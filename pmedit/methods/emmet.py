@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from pmedit.hparams import EditHparams
 from pmedit.methods.base import EditContext, Method
-from pmedit.methods.memit import spread_edit
+from pmedit.methods.memit import solve_groups, spread_edit
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,4 +47,5 @@ METHOD = Method(
     summary="equality-constrained batch update with ridge λₑ, spread over layers",
     presets={"smollm2": {"lam_e": 0.1}, "llama3-8b": {"lam_e": 0.1}},
     check_batch=check_batch,
+    solve_groups=lambda ctx, K, R, group_size: solve_groups(ctx, K, R, group_size, ridge=ctx.hparams.lam_e),
 )
