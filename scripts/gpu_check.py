@@ -135,23 +135,39 @@ def triton_resources(ccs=(90, 80)) -> list[dict]:
     from pmkernels import covariance_triton as ct
 
     rows = []
-    kern = ct._kernel().fn
-    for dt, ieee in (("bf16", False), ("fp32", False), ("fp32", True)):
+    kern = ct._kernel()
+    if not hasattr(kern, "arg_names"):  # an Autotuner wraps the JITFunction
+        kern = kern.fn
+
+    def one(name, cc, cfg, sig, const):
+        try:
+            r = _triton_compile(kern, sig, const, cc, cfg.num_warps, cfg.num_stages)
+        except Exception as err:  # a config that does not compile is itself a finding
+            r = dict(arch=f"sm_{cc}{'a' if cc == 90 else ''}", regs=None, error=f"{type(err).__name__}: {str(err)[-200:]}")
+        r["kernel"] = name
+        rows.append(r)
+
+    scal = dict(mask_ptr="*u8", n="i32", d="i32", stride_xn="i32", stride_acc="i32", rows_per_split="i32",
+                split_stride="i64")
+    kinds = (("bf16", False, "16bit"), ("fp32", False, "tf32"), ("fp32", True, "ieee"))
+    for dt, ieee, kind in kinds:
+        label = dt if dt == "bf16" else ("fp32 ieee" if ieee else "fp32 tf32")
         for cfg in ct.gpu_configs():
-            kw = dict(cfg.kwargs)
-            for cc in ccs:
-                sig = dict(x_ptr=f"*{dt}", mask_ptr="*u8", acc_ptr="*fp32", n="i32", d="i32", stride_xn="i32",
-                           stride_xd="i32", stride_acc="i32", row_start="i32", rows_per_split="i32",
-                           split_stride="i64")
-                const = dict(HAS_MASK=True, CAST_FP32=False, IEEE=ieee, SPLIT=False, **kw)
-                name = (f"covariance {dt}{' ieee' if ieee else (' tf32' if dt == 'fp32' else '')} "
-                        f"B{kw['BLOCK']} K{kw['BLOCK_K']} w{cfg.num_warps} s{cfg.num_stages}")
-                try:
-                    r = _triton_compile(kern, sig, const, cc, cfg.num_warps, cfg.num_stages)
-                except Exception as err:  # a config that does not compile is itself a finding
-                    r = dict(arch=f"sm_{cc}", regs=None, error=f"{type(err).__name__}: {str(err)[:200]}")
-                r["kernel"] = name
-                rows.append(r)
+            for hm in (False, True):
+                sig = dict(x_ptr=f"tensordesc<{dt}[{cfg.BLOCK_K}, {cfg.BLOCK}]>",
+                           acc_ptr=f"tensordesc<fp32[{cfg.BLOCK}, {cfg.BLOCK}]>", **scal)
+                const = dict(stride_xd=1, HAS_MASK=hm, IEEE=ieee, SPLIT=False, DESC=True, ACC_DESC=True, **cfg.kwargs)
+                star = " (default)" if cfg == ct._CONFIGS[kind] else ""
+                one(f"covariance TMA {label}{' mask' if hm else ''} {tuple(cfg)}{star}", 90, cfg, sig, const)
+        cfg = ct._CONFIGS[kind]
+        sig = dict(x_ptr=f"tensordesc<{dt}[{cfg.BLOCK_K}, {cfg.BLOCK}]>", acc_ptr="*fp32", **scal)
+        one(f"covariance TMA {label} mask, split epilogue {tuple(cfg)}", 90, cfg, sig,
+            dict(stride_xd=1, HAS_MASK=True, IEEE=ieee, SPLIT=True, DESC=True, ACC_DESC=False, **cfg.kwargs))
+        cfg = ct._CONFIGS["pointer"]
+        for cc in ccs:
+            sig = dict(x_ptr=f"*{dt}", acc_ptr="*fp32", stride_xd="i32", **scal)
+            one(f"covariance pointer {label} mask {tuple(cfg)} (default off-TMA)", cc, cfg, sig,
+                dict(HAS_MASK=True, IEEE=ieee, SPLIT=False, DESC=False, ACC_DESC=False, **cfg.kwargs))
     from pmkernels import batched_solve_triton as bt
     from pmkernels._batched_solve_triton_kernels import _batched_chol_solve
 
@@ -190,6 +206,313 @@ def cmd_resources(args) -> int:
     return 0
 
 
+# ============================================================================ correctness
+U32 = 2.0 ** -24
+
+
+def _jsonl(path: str | None, rec: dict) -> None:
+    print(("ok   " if rec.get("ok") else "FAIL ") + " ".join(f"{k}={v}" for k, v in rec.items() if k != "ok"), flush=True)
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(rec, default=str) + "\n")
+
+
+def _cov_case(backend: str, d: int, n: int, dtype, mask_kind: str, tf32: bool, layout: str, split: str | None):
+    """One covariance case on the GPU against the fp64 reference and the test suite's bound."""
+    import torch
+
+    from pmkernels.covariance import SecondMoment
+
+    g = torch.Generator(device="cuda").manual_seed(d * 7 + n)
+    base = (torch.randn(n, d + 3, device="cuda", generator=g) * 3 + 0.25).to(dtype)
+    x = base[:, :d] if layout == "sliced" else (base[:, :d].T.contiguous().T if layout == "transposed" else base[:, :d].contiguous())
+    m = None
+    if mask_kind == "random":
+        m = torch.rand(n, device="cuda", generator=g) < 0.6
+        x = x.clone() if layout == "contiguous" else x
+        x[~m] = float("nan")  # padding is never read
+    old = os.environ.get("PMKERNELS_TRITON_COV_SPLIT")
+    if split:
+        os.environ["PMKERNELS_TRITON_COV_SPLIT"] = split
+    try:
+        acc = SecondMoment(d, device="cuda", backend=backend, allow_tf32=tf32).update(x, m)
+        got = acc.sum().cpu()
+        count = acc.count
+    finally:
+        if split:
+            if old is None:
+                os.environ.pop("PMKERNELS_TRITON_COV_SPLIT", None)
+            else:
+                os.environ["PMKERNELS_TRITON_COV_SPLIT"] = old
+    rows = x.double().cpu()
+    if m is not None:
+        rows = rows[m.cpu()]
+    want = rows.T @ rows
+    absprod = rows.abs().T @ rows.abs()
+    per_product = 2.0 ** -8 if tf32 and dtype == torch.float32 else 0.0
+    bound = (per_product + 2.0 * max(rows.shape[0], 1) * U32) * absprod + 1e-300
+    worst = float(((got - want).abs() / bound).max()) if got.numel() else 0.0
+    return dict(ok=bool(worst <= 1.0 and count == rows.shape[0] and torch.equal(got, got.T)), worst_over_bound=round(worst, 4),
+                count=count, want_count=rows.shape[0])
+
+
+def _solve_case(backend: str, b: int, n: int, m: int, dtype):
+    import torch
+
+    from pmkernels.batched_solve import batched_spd_solve
+
+    g = torch.Generator(device="cuda").manual_seed(n * 13 + m)
+    Q = torch.randn(b, n, n + 8, device="cuda", dtype=torch.float64, generator=g)
+    A = Q @ Q.mT / (n + 8) + 0.05 * torch.eye(n, device="cuda", dtype=torch.float64)
+    B = torch.randn(b, n, m, device="cuda", dtype=torch.float64, generator=g)
+    res = batched_spd_solve(A.to(dtype), B.to(dtype), backend=backend)
+    ref = torch.cholesky_solve(B, torch.linalg.cholesky(A))
+    Ad, Xd = A, res.X.double()
+    back = float(((Ad @ Xd - B).flatten(1).norm(dim=1) / (torch.linalg.matrix_norm(Ad) * Xd.flatten(1).norm(dim=1))).max())
+    rel = float((Xd - ref).norm() / ref.norm())
+    lim_back, lim_rel = (1e-13, 1e-9) if dtype == torch.float64 else (1e-5, 1e-2)
+    return dict(ok=bool(back < lim_back and rel < lim_rel and not res.info.any() and res.backend == backend),
+                backward=f"{back:.2e}", rel_err=f"{rel:.2e}")
+
+
+def cmd_correctness(args) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        print("no CUDA device visible", flush=True)
+        return 2
+    fails = 0
+    backends = args.backends.split(",")
+    dts = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    cov_cases = []
+    for d in (1, 7, 127, 136, 576, 1536, 4099):
+        for dt in ("bf16", "fp16", "fp32"):
+            for mk in ("none", "random"):
+                cov_cases.append((d, 97 if d > 1536 else 1000, dt, mk, False, "contiguous", None))
+    cov_cases += [(1536, 5000, "fp32", "random", True, "contiguous", None), (4096, 3000, "fp32", "none", True, "contiguous", None),
+                  (136, 3001, "bf16", "random", False, "sliced", None), (130, 513, "fp32", "none", False, "transposed", None),
+                  (576, 70000, "bf16", "random", False, "contiguous", None),  # two chunks, auto split at d=576
+                  (1536, 4097, "bf16", "none", False, "contiguous", "1"), (1536, 4097, "bf16", "random", False, "contiguous", "5")]
+    for be in backends:
+        if be == "solve":
+            continue
+        for (d, n, dt, mk, tf32, layout, split) in cov_cases:
+            if split and be != "triton":
+                continue
+            rec = dict(check="covariance", backend=be, d=d, n=n, dtype=dt, mask=mk, tf32=tf32, layout=layout, split=split)
+            t0 = time.time()
+            try:
+                rec.update(_cov_case(be, d, n, dts[dt], mk, tf32, layout, split))
+            except Exception as err:
+                rec.update(ok=False, error=f"{type(err).__name__}: {str(err)[:300]}")
+            rec["s"] = round(time.time() - t0, 2)
+            fails += not rec["ok"]
+            _jsonl(args.out, rec)
+    for be in [b for b in backends if b in ("triton", "cuda")] if "solve" in backends else []:
+        for n, m, dt in ((1, 1, torch.float64), (33, 5, torch.float32), (64, 16, torch.float64), (64, 16, torch.float32),
+                         (100, 7, torch.float64), (200, 9, torch.float64), (256, 40, torch.float32)):
+            rec = dict(check="batched_solve", backend=be, b=37, n=n, m=m, dtype=str(dt).replace("torch.", ""))
+            try:
+                rec.update(_solve_case(be, 37, n, m, dt))
+            except Exception as err:
+                rec.update(ok=False, error=f"{type(err).__name__}: {str(err)[:300]}")
+            fails += not rec["ok"]
+            _jsonl(args.out, rec)
+    return 1 if fails else 0
+
+
+# ============================================================================ timing
+def _time(fn, reps: int, warmup: int = 1) -> float:
+    """Median seconds of `reps` CUDA-event-timed calls."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) / 1e3)
+    return sorted(ts)[len(ts) // 2]
+
+
+def cmd_timing(args) -> int:
+    import torch
+
+    budget = float(os.environ.get("GPU_CHECK_TIMING_BUDGET", "200"))
+    t_start = time.time()
+    rows, errors = [], []
+
+    def bench(group, name, fn, reps, flops=None, baseline=False, env=None):
+        if time.time() - t_start > budget:
+            errors.append(dict(group=group, name=name, error="skipped: timing budget spent"))
+            print(f"  SKIP {group} | {name}", flush=True)
+            return
+        saved = {k: os.environ.get(k) for k in (env or {})}
+        os.environ.update(env or {})
+        try:
+            t = _time(fn, reps)
+            rows.append(dict(group=group, name=name, s=t, baseline=baseline, tflops=flops / t / 1e12 if flops else None))
+            print(f"  {group:34s} {name:46s} {t * 1e3:9.3f} ms" + (f" {flops / t / 1e12:7.1f} TF/s(eff)" if flops else ""), flush=True)
+        except Exception as err:
+            errors.append(dict(group=group, name=name, error=f"{type(err).__name__}: {str(err)[:300]}"))
+            print(f"  FAIL {group} | {name}: {type(err).__name__}: {str(err)[:200]}", flush=True)
+            torch.cuda.synchronize()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    dev = torch.device("cuda")
+    from pmkernels import covariance_cuda as cc
+    from pmkernels import covariance_triton as ct
+    from pmkernels.covariance import SecondMoment
+
+    have = {"triton": ct.unavailable_reason(dev) is None, "cuda": cc.unavailable_reason(dev) is None}
+    mm = torch.backends.cuda.matmul
+
+    def precision(p):
+        def set_():  # cuBLAS baselines only; the kernels under test never read this switch
+            try:
+                mm.fp32_precision = p
+            except (AttributeError, RuntimeError):
+                mm.allow_tf32 = p == "tf32"
+        return set_
+
+    D, N = args.d, args.n
+    flops = 2.0 * N * D * D  # effective: as if the full product were computed, for every provider
+    acc = torch.zeros(D, D, device=dev)
+    x = torch.randn(N, D, device=dev).to(torch.bfloat16)
+    g = f"cov bf16 d={D} n={N}"
+    bench(g, "cuBLAS mm(x.T, x, out_dtype=fp32) + add", lambda: acc.add_(torch.mm(x.T, x, out_dtype=torch.float32)), 5, flops, True)
+    bench(g, "cuBLAS x.T @ x (bf16 out)", lambda: x.T @ x, 5, flops, True)
+    for be, mod in (("triton", ct), ("cuda", cc)):
+        if have[be]:
+            bench(g, f"{be} syrk_update_", lambda mod=mod: mod.syrk_update_(acc, x), 5, flops)
+    if have["triton"]:
+        for cfg in ct.gpu_configs():
+            bench(g, f"triton config {tuple(cfg)}", lambda: ct.syrk_update_(acc, x), 3, flops,
+                  env={"PMKERNELS_TRITON_COV_CONFIG": ",".join(map(str, cfg))})
+    m = torch.rand(N, device=dev) < 0.9
+    for be in ("triton", "cuda"):
+        if have[be]:
+            sm = SecondMoment(D, device=dev, backend=be)
+            bench(g, f"SecondMoment[{be}].update(x, mask) (full API)", lambda sm=sm: sm.update(x, m), 3, flops)
+            del sm
+    del x
+    xf = torch.randn(N, D, device=dev)
+    g = f"cov fp32 d={D} n={N}"
+    precision("tf32")()
+    bench(g, "cuBLAS addmm tf32", lambda: acc.addmm_(xf.T, xf), 5, flops, True)
+    precision("ieee")()
+    bench(g, "cuBLAS addmm fp32 (ieee)", lambda: acc.addmm_(xf.T, xf), 3, flops, True)
+    for be, mod in (("triton", ct), ("cuda", cc)):
+        if have[be]:
+            bench(g, f"{be} syrk_update_ tf32", lambda mod=mod: mod.syrk_update_(acc, xf, allow_tf32=True), 5, flops)
+            bench(g, f"{be} syrk_update_ fp32 exact", lambda mod=mod: mod.syrk_update_(acc, xf), 2, flops)
+    del xf, acc
+    torch.cuda.empty_cache()
+    # small d: where the token split matters (d = 1536 gives 78 tiles on 132 SMs)
+    ds, ns = 1536, 65536
+    xs = torch.randn(ns, ds, device=dev).to(torch.bfloat16)
+    accs = torch.zeros(ds, ds, device=dev)
+    fl = 2.0 * ns * ds * ds
+    g = f"cov bf16 d={ds} n={ns}"
+    bench(g, "cuBLAS mm(x.T, x, out_dtype=fp32) + add", lambda: accs.add_(torch.mm(xs.T, xs, out_dtype=torch.float32)), 10, fl, True)
+    if have["triton"]:
+        bench(g, "triton syrk_update_ (auto split)", lambda: ct.syrk_update_(accs, xs), 10, fl)
+        bench(g, "triton syrk_update_ (no split)", lambda: ct.syrk_update_(accs, xs), 10, fl, env={"PMKERNELS_TRITON_COV_SPLIT": "1"})
+    if have["cuda"]:
+        bench(g, "cuda syrk_update_ (auto split)", lambda: cc.syrk_update_(accs, xs), 10, fl)
+    del xs, accs
+    torch.cuda.empty_cache()
+
+    from pmkernels.batched_solve import batched_spd_solve
+
+    smods = {}
+    for nm in ("triton", "cuda"):
+        mod = __import__(f"pmkernels.batched_solve_{nm}", fromlist=["x"])
+        if mod.unavailable_reason(dev) is None:
+            smods[nm] = mod
+    b, n, mr = 1024, 64, 16
+    for dtype in (torch.float64, torch.float32):
+        Q = torch.randn(b, n, n + 8, device=dev, dtype=torch.float64)
+        A = (Q @ Q.mT / (n + 8) + 0.1 * torch.eye(n, device=dev, dtype=torch.float64)).to(dtype)
+        B = torch.randn(b, n, mr, device=dev, dtype=dtype)
+        g = f"solve b={b} n={n} m={mr} {str(dtype).replace('torch.', '')}"
+        bench(g, "torch batched cholesky + cholesky_solve", lambda: torch.cholesky_solve(B, torch.linalg.cholesky(A)), 20, None, True)
+        for nm, mod in smods.items():
+            bench(g, f"{nm} factor_solve (kernel)", lambda mod=mod: mod.factor_solve(A, B), 20)
+            bench(g, f"batched_spd_solve[{nm}] (full API)", lambda nm=nm: batched_spd_solve(A, B, backend=nm), 20)
+        if "triton" in smods:
+            for w in ("2", "4", "8"):
+                bench(g, f"triton factor_solve warps={w}", lambda: smods["triton"].factor_solve(A, B), 20,
+                      env={"PMKERNELS_TRITON_SOLVE_WARPS": w})
+    table = ratio_table(rows)
+    Path(args.out).write_text(json.dumps(dict(rows=rows, table=table, errors=errors, gpu=torch.cuda.get_device_name(),
+                                              torch=torch.__version__, cuda=torch.version.cuda,
+                                              date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())), indent=1))
+    print_table(table)
+    return 1 if errors else 0
+
+
+def ratio_table(rows: list[dict]) -> list[dict]:
+    """Every candidate against every baseline of its group: ratio = baseline time / candidate time."""
+    table = []
+    groups = {}
+    for r in rows:
+        groups.setdefault(r["group"], []).append(r)
+    for gname, rs in groups.items():
+        bases = [r for r in rs if r["baseline"]]
+        for c in (r for r in rs if not r["baseline"]):
+            for b in bases:
+                table.append(dict(group=gname, candidate=c["name"], baseline=b["name"], ratio=round(b["s"] / c["s"], 3),
+                                  cand_ms=round(c["s"] * 1e3, 3), base_ms=round(b["s"] * 1e3, 3)))
+    return table
+
+
+def print_table(table: list[dict]) -> None:
+    print("\n| group | candidate | baseline | candidate ms | baseline ms | ratio (>1: ours faster) |")
+    print("|---|---|---|---|---|---|")
+    for t in table:
+        print(f"| {t['group']} | {t['candidate']} | {t['baseline']} | {t['cand_ms']} | {t['base_ms']} | {t['ratio']}x |")
+    sys.stdout.flush()
+
+
+# ============================================================================ report
+def cmd_report(args) -> int:
+    """Stages, correctness failures and the ratio table, in one gpu_check.json."""
+    res = Path(args.results)
+    stages = [json.loads(line) for line in (res / "stages.jsonl").read_text().splitlines()] if (res / "stages.jsonl").exists() else []
+    checks = [json.loads(line) for line in (res / "checks.jsonl").read_text().splitlines()] if (res / "checks.jsonl").exists() else []
+    timing = json.loads((res / "timing.json").read_text()) if (res / "timing.json").exists() else {}
+    bad = [c for c in checks if not c.get("ok")]
+    print("\n==== gpu_check summary ====")
+    for st in stages:
+        print(f"  stage {st['stage']:14s} rc={st['rc']} {st['s']}s")
+    print(f"  correctness: {len(checks) - len(bad)}/{len(checks)} checks passed")
+    for c in bad[:20]:
+        print("   FAIL", {k: v for k, v in c.items() if k != "ok"})
+    table = timing.get("table", [])
+    if table:
+        print_table(table)
+    for e in timing.get("errors", []):
+        print("  timing error:", e)
+    ok = all(st["rc"] == 0 for st in stages) and not bad and bool(checks) and bool(table)
+    (res / "gpu_check.json").write_text(json.dumps(dict(ok=ok, stages=stages, checks_passed=len(checks) - len(bad),
+                                                        checks_total=len(checks), failures=bad, ratios=table,
+                                                        timing_errors=timing.get("errors", []), gpu=timing.get("gpu"),
+                                                        torch=timing.get("torch"), date=timing.get("date")), indent=1))
+    print(f"  overall: {'PASS' if ok else 'FAIL'}; written {res / 'gpu_check.json'}")
+    return 0 if ok else 1
+
+
 # ============================================================================ main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -197,6 +520,18 @@ def main(argv=None) -> int:
     p = sub.add_parser("resources")
     p.add_argument("--json")
     p.set_defaults(fn=cmd_resources)
+    p = sub.add_parser("correctness")
+    p.add_argument("out", nargs="?")
+    p.add_argument("--backends", default="triton,cuda,torch,solve", help="comma list; 'solve' adds the batched solves")
+    p.set_defaults(fn=cmd_correctness)
+    p = sub.add_parser("timing")
+    p.add_argument("out")
+    p.add_argument("--d", type=int, default=14336)
+    p.add_argument("--n", type=int, default=65536)
+    p.set_defaults(fn=cmd_timing)
+    p = sub.add_parser("report")
+    p.add_argument("results")
+    p.set_defaults(fn=cmd_report)
     args = ap.parse_args(argv)
     return args.fn(args)
 

@@ -86,4 +86,6 @@ def run(quick: bool = False) -> list[Row]:
         else:
             # The issue's GPU target: triton/cuda >= 1.5x torch.mm(out_dtype=fp32), >= 8x fp32.
             rows += _case(14336, 65536, torch.bfloat16, gpu, repeats=5, gpu_baselines=True)
+            # Small d (SmolLM2's 1536: 78 output tiles on 132 SMs): where the token split matters.
+            rows += _case(1536, 65536, torch.bfloat16, gpu, repeats=10, gpu_baselines=True)
     return rows
