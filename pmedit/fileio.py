@@ -161,7 +161,16 @@ def save_verified(path: str | os.PathLike, tensors: Mapping[str, Any], meta: Map
     meta["checksum"] = tensor_digest(tensors, meta)
     payload = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(payload, str(tmp), metadata={_META_KEY: json.dumps(meta)})
+        try:
+            save_file(payload, str(tmp), metadata={_META_KEY: json.dumps(meta)})
+        except OSError:
+            raise
+        except Exception as e:  # noqa: BLE001 - safetensors reports a full disk as SafetensorError
+            m = re.search(r"os error (\d+)", str(e))
+            if m is None:
+                raise
+            code = int(m.group(1))  # as the OSError it is: errno, strerror and the file
+            raise OSError(code, os.strerror(code), str(path)) from e
     return Path(path)
 
 

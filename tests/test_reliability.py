@@ -251,3 +251,33 @@ def test_bad_arguments_are_one_line(capsys):
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1, err
         assert err.startswith(f"pmedit {argv[0]}: error: ") and words in err, err
+
+
+_FSIZE_LIMITED = textwrap.dedent(
+    """
+    import resource, signal, sys
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+    limit = int(sys.argv.pop(1))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    from pmedit.cli import main
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+def test_stats_on_a_disk_that_refuses_the_file(tmp_path, smollm2):
+    """A real kernel refusal (RLIMIT_FSIZE: every file is capped at 16 KiB, like a nearly full
+    disk), not a simulated one: one line naming the cache, exit code 2, no temp file left."""
+    model_dir = tmp_path / "model"
+    make_tiny_llama(vocab=49152, layers=2).save_pretrained(model_dir)
+    smollm2[1].save_pretrained(model_dir)
+    cache = tmp_path / "cache"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", _FSIZE_LIMITED, str(16 * 1024), "stats", "--model", str(model_dir),
+                           "--layers", "0", "--tokens", "64", "--cache-dir", str(cache), "--no-progress"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert last.startswith("pmedit stats: error: ") and "File too large" in last and str(cache) in last, last
+    assert _temps(tmp_path) == [] and not list(cache.rglob("*.safetensors"))
