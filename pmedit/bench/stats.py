@@ -127,6 +127,44 @@ def _gpu_rows(quick: bool, *, device: str = "cuda", shape: dict = LLAMA3_8B_SHAP
                  repeats=3 if quick else 5, device=device, label=f"{name} bf16 random ({device.type})")
 
 
+def _distributed_rows(quick: bool) -> list[Row]:
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    tokens, repeats = (4096, 2) if quick else (16384, 3)
+    meds = {}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for world in (1, 2):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            out = Path(tmp) / f"w{world}.json"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world), "--master-port",
+                   str(port), "-m", "pmedit.bench.stats_worker", "--out", str(out), "--tokens", str(tokens),
+                   "--repeats", str(repeats)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            if proc.returncode != 0:
+                raise RuntimeError(f"bench stats: {world}-process run failed:\n{proc.stderr[-3000:]}")
+            res = json.loads(out.read_text())
+            ts = sorted(res["seconds"])
+            med = ts[len(ts) // 2]
+            meds[world] = med
+            rows.append(Row(section=SECTION, case=f"SmolLM2-135M fp32 cpu layers 4-8 {res['tokens']} tok, torchrun gloo",
+                            provider=f"{world} process{'es' if world > 1 else ''} x 1 thread", median_s=med,
+                            p20_s=ts[0], p80_s=ts[-1], work=res["tokens"], unit="tok",
+                            reference="1 process x 1 thread", extra={"world_size": world, "seconds": res["seconds"]}))
+    for r in rows:
+        r.ratio = meds[1] / r.median_s
+    print(f"  distributed: {meds[1] / meds[2]:.2f}x with 2 processes (goal >= 1.6x)", flush=True)
+    return rows
+
+
 def run(quick: bool = False) -> list[Row]:
     from pmedit.corpus import resolve_corpus
     from pmedit.models import load_model
@@ -142,6 +180,7 @@ def run(quick: bool = False) -> list[Row]:
         rows += _case(model, tok, layers, corpus, tokens=tokens, batch_tokens=1024, repeats=repeats,
                       device=cpu, label="SmolLM2-135M fp32 cpu")
     del model
+    rows += _distributed_rows(quick)
     if torch.cuda.is_available():
         rows += _gpu_rows(quick)
     return rows
