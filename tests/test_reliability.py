@@ -117,6 +117,22 @@ def test_statistics_are_not_reused_for_a_sparsely_changed_model(tiny, tmp_path, 
     assert _collect(model, tok, tmp_path)[0].path == clean.path and spy == [[0], [0]]
 
 
+def test_deltas_do_not_load_onto_a_sparsely_changed_model(tmp_path):
+    # the synthetic editor of tests/test_editor.py: seeded keys and values, no tokenizer
+    from test_editor import Synthetic, _requests, _tiny_editor
+
+    from pmedit.editor import Editor
+
+    ed = _tiny_editor(make_tiny_llama(seed=1), Synthetic())
+    ed.edit(_requests(2))
+    path = ed.save_deltas(tmp_path / "d.safetensors")
+    other = make_tiny_llama(seed=1)
+    other.lm_head.weight.data[5, 3] += 1e-3  # one element, where the old sampled fingerprint never looked
+    with pytest.raises(ValueError, match="fingerprint"):
+        Editor.load_deltas(other, path)
+    Editor.load_deltas(make_tiny_llama(seed=1), path)  # the unchanged model takes them
+
+
 # --------------------------------------------------------------- item 11: absurd λ and λₑ
 
 @pytest.mark.parametrize(
