@@ -12,6 +12,11 @@ CPU: SmolLM2-135M (the embedded default). GPU (only when CUDA is available): a
 Llama-3-8B-shaped model (hidden 4096, MLP 14336, GQA 32/8 heads, vocab 128256) with random bf16
 weights, layers 1–5; only the 6 layers a pass through layer 5 touches are built. The share of
 time spent in ``SecondMoment.update`` is measured in a separate, synchronised run.
+
+Distributed case (CPU): the same collection split over 1 and 2 processes of one thread each
+under ``torchrun`` (gloo), each process a fresh ``pmedit.bench.stats_worker`` timing
+:func:`pmedit.stats_distributed.collect_distributed` from a barrier to the reduced sums
+(planning, shards, fp64 all_reduce included; model loading and a warm-up run excluded).
 """
 from __future__ import annotations
 
