@@ -485,6 +485,26 @@ def print_table(table: list[dict]) -> None:
     sys.stdout.flush()
 
 
+# ============================================================================ junit
+def cmd_junit(args) -> int:
+    """On a GPU machine a skipped cuda test means a backend silently unavailable: a failure
+    (except tests that need a second GPU)."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(args.xml).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    total = int(suite.get("tests", 0))
+    bad = int(suite.get("failures", 0)) + int(suite.get("errors", 0))
+    skips = [(tc.get("name"), (tc.find("skipped").get("message") or "")) for tc in suite.iter("testcase")
+             if tc.find("skipped") is not None]
+    unexpected = [(nm, msg) for nm, msg in skips if "two GPUs" not in msg]
+    print(f"pytest -m cuda: {total} tests, {bad} failures/errors, {len(skips)} skipped "
+          f"({len(unexpected)} unexpected on a GPU machine)")
+    for nm, msg in unexpected[:15]:
+        print("  SKIPPED ON GPU:", nm, "-", msg[:160])
+    return 1 if bad or unexpected or total == 0 else 0
+
+
 # ============================================================================ report
 def cmd_report(args) -> int:
     """Stages, correctness failures and the ratio table, in one gpu_check.json."""
@@ -529,6 +549,9 @@ def main(argv=None) -> int:
     p.add_argument("--d", type=int, default=14336)
     p.add_argument("--n", type=int, default=65536)
     p.set_defaults(fn=cmd_timing)
+    p = sub.add_parser("junit")
+    p.add_argument("xml")
+    p.set_defaults(fn=cmd_junit)
     p = sub.add_parser("report")
     p.add_argument("results")
     p.set_defaults(fn=cmd_report)

@@ -7,6 +7,7 @@
 # Results in $OUT: gpu_check.log, stages.jsonl, checks.jsonl, pytest_cuda.xml, resources.json,
 # timing.json and gpu_check.json (stages, failures and the table of ratios). The helper is
 # scripts/gpu_check.py; its sub-commands also run one by one. Exit 0 only if everything passed.
+# GPU_CHECK_SKIP=install,resources (say) skips stages by name.
 set -uo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
@@ -20,12 +21,15 @@ DEADLINE=$((T0 + ${GPU_CHECK_BUDGET_S:-470}))
 : > "$RES/stages.jsonl"; : > "$RES/checks.jsonl"
 # A fresh build cache and Triton cache: nothing from another machine is reused.
 export PMKERNELS_BUILD_DIR="$WORK/build" TRITON_CACHE_DIR="$WORK/triton" MAX_JOBS=${MAX_JOBS:-16}
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4 TRITON_DEFAULT_FP_FUSION=1
+export REPO PY RES PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4 TRITON_DEFAULT_FP_FUSION=1
 unset TRITON_INTERPRET PMKERNELS_NO_BUILD PMKERNELS_BACKEND PMKERNELS_TRITON_COV_CONFIG PMKERNELS_TRITON_COV_SPLIT
 say() { echo "[gpu_check +$(( $(date +%s) - T0 ))s] $*"; }
 # stage NAME WANT_S RESERVE_S cmd...: limit = min(WANT, time left - RESERVE kept for later stages)
 stage() {
   local name=$1 want=$2 reserve=$3; shift 3
+  if [[ ",${GPU_CHECK_SKIP:-}," == *",$name,"* ]]; then
+    say "SKIP $name (GPU_CHECK_SKIP)"; echo "{\"stage\":\"$name\",\"rc\":\"skipped\",\"s\":0}" >> "$RES/stages.jsonl"; return
+  fi
   local lim=$(( DEADLINE - $(date +%s) - reserve )); (( lim > want )) && lim=$want
   if (( lim < 10 )); then
     say "SKIP $name: no time left"; echo "{\"stage\":\"$name\",\"rc\":\"skipped\",\"s\":0}" >> "$RES/stages.jsonl"; return
@@ -47,7 +51,8 @@ install() {
   PMEDIT_TORCH_SPEC=${PMEDIT_TORCH_SPEC:-torch} bash scripts/setup.sh --test
   $PY -c "import torch; assert torch.cuda.is_available(), 'torch sees no GPU (a CPU wheel?)'"
 }
-stage install 150 300 install
+export -f install
+stage install 150 300 bash -c install
 $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
 
 # ---- build both CUDA extensions (CPU-bound) and the resource report, while Triton runs on the GPU
@@ -60,7 +65,8 @@ print("built:", "none" if bad else "both", bad or "")
 sys.exit(1 if bad else 0)
 EOF
 }
-( stage build 240 150 build > "$RES/build.log" 2>&1 ) & BUILD=$!
+export -f build
+( stage build 240 150 bash -c build > "$RES/build.log" 2>&1 ) & BUILD=$!
 ( stage resources 200 150 $PY scripts/gpu_check.py resources --json "$RES/resources.json" > "$RES/resources.md" 2>&1 ) & RESRC=$!
 
 stage triton-correctness 120 200 $PY scripts/gpu_check.py correctness "$RES/checks.jsonl" --backends triton,torch,solve
@@ -68,9 +74,12 @@ say "waiting for the CUDA build"; wait $BUILD; tail -3 "$RES/build.log"
 
 pytest_cuda() {
   $PY -m pytest -q -p no:cacheprovider -m cuda -rs --junitxml="$RES/pytest_cuda.xml" \
-    tests/test_covariance.py tests/test_batched_solve.py
+    tests/test_covariance.py tests/test_batched_solve.py; local rc=$?
+  $PY scripts/gpu_check.py junit "$RES/pytest_cuda.xml" || rc=1
+  return $rc
 }
-stage pytest-cuda 120 150 pytest_cuda
+export -f pytest_cuda
+stage pytest-cuda 120 150 bash -c pytest_cuda
 stage cuda-correctness 90 120 $PY scripts/gpu_check.py correctness "$RES/checks.jsonl" --backends cuda,solve
 wait $RESRC
 
