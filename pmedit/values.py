@@ -11,8 +11,14 @@ target_new's ids but the last) and of the KL prompt ``"{subject} is a"``, and mi
     + weight_decay · ‖δ‖² / ‖h‖²
 
 with Adam, ‖δ‖ clamped to ``clamp_norm_factor``·‖h‖ after each step, and per-edit early stop
-once the NLL is below ``loss_stop`` or (``stop_on_argmax``, ENCORE's rule) target_new is the
-greedy continuation under every rewriting prompt.
+once the NLL is below ``loss_stop`` or (``stop_on_argmax``) target_new is the greedy
+continuation under every rewriting prompt. ``mpes_steps`` = m > 0 is ENCORE's most-probable early
+stopping with the authors' margin: an edit stops at the m-th evaluation at which target_new is the
+greedy continuation under every rewriting prompt (their ``prob_cutoff = -m``; counted, not
+necessarily consecutive, as they count; m = 1 is ``stop_on_argmax``). Their code checks the
+template prompts but not the bare one (an index slip: the comment says it drops the KL prompt) and,
+in ENCORE's copy, compares the hit count with 5 whatever the target's length; here every target
+token under every rewriting prompt, the bare one included, must be the argmax.
 
 This is where an edit's time goes, so it is batched: all rows of many edits go through one
 forward/backward pass, each row adding its own edit's δ at its own position (right padding, so
@@ -111,6 +117,7 @@ def optimize_values(
     loss_stop: float = 5e-2,
     stop_on_argmax: bool = False,
     batch_size: int = 16,
+    mpes_steps: int = 0,
     kl_template: str = KL_TEMPLATE,
     progress: bool = False,
 ) -> ValueResult:
@@ -122,6 +129,8 @@ def optimize_values(
     reqs = normalize_requests(requests)
     _check_args(lr=lr, steps=steps, kl_factor=kl_factor, weight_decay=weight_decay,
                 clamp_norm_factor=clamp_norm_factor, loss_stop=loss_stop, batch_size=batch_size)
+    if isinstance(mpes_steps, bool) or not isinstance(mpes_steps, int) or mpes_steps < 0:
+        raise ValueError(f"optimize_values: mpes_steps must be an int >= 0, got {mpes_steps!r}")
     hidden = spec.hidden_size
     out_device = spec.down_proj(model, layer).weight.device
     E = len(reqs)
@@ -154,6 +163,7 @@ def optimize_values(
                 model, tok, spec, layer, [encoded[i] for i in idx],
                 lr=lr, steps=steps, kl_factor=kl_factor, weight_decay=weight_decay,
                 clamp_norm_factor=clamp_norm_factor, loss_stop=loss_stop, stop_on_argmax=stop_on_argmax,
+                mpes_steps=mpes_steps,
             )
             for name in ("h", "delta", "losses", "kl", "steps"):
                 getattr(result, name)[s : s + len(idx)] = getattr(chunk, name).to(out_device)
@@ -271,7 +281,7 @@ def _make_groups(edits: list[_Edit], active: list[int], pad: int, device: torch.
 
 
 def _optimize_chunk(model, tok, spec, layer, edits: list[_Edit], *, lr, steps, kl_factor, weight_decay,
-                    clamp_norm_factor, loss_stop, stop_on_argmax) -> ValueResult:
+                    clamp_norm_factor, loss_stop, stop_on_argmax, mpes_steps=0) -> ValueResult:
     device = model_device(model)
     body, body_norms = _decoder_body(model, spec)
     norm = None if body_norms else spec.norm(model)
@@ -289,6 +299,8 @@ def _optimize_chunk(model, tok, spec, layer, edits: list[_Edit], *, lr, steps, k
     ref_logp = None  # [n, vocab] unedited next-token log-probs after the KL prompt
     final_nll = torch.zeros(n, device=device)
     final_kl = torch.zeros(n, device=device)
+    top_hits = torch.zeros(n, dtype=torch.long, device=device)  # mpes_steps: evaluations at argmax
+    check_argmax = stop_on_argmax or mpes_steps > 0
     active = list(range(n))
     groups = None
     for it in range(steps + 1):
@@ -327,7 +339,7 @@ def _optimize_chunk(model, tok, spec, layer, edits: list[_Edit], *, lr, steps, k
                     tl = logits[:n_tok]
                     nll_tok = torch.logsumexp(tl, dim=-1) - tl.gather(1, g.tok_target[:, None]).squeeze(1)
                     nll = nll.index_add(0, g.tok_edit, nll_tok * g.tok_weight)
-                    if stop_on_argmax:
+                    if check_argmax:
                         hit = (logits[:n_tok].argmax(1) == g.tok_target).long()
                         misses.index_add_(0, g.tok_edit, 1 - hit)
                 if g.kl_row.numel():
@@ -346,6 +358,9 @@ def _optimize_chunk(model, tok, spec, layer, edits: list[_Edit], *, lr, steps, k
             done = nll_d < loss_stop
             if stop_on_argmax:
                 done |= misses == 0
+            if mpes_steps:
+                top_hits[act] += (misses == 0).long()
+                done |= top_hits[act] >= mpes_steps
             if it == steps:
                 done[:] = True
             final_nll[act] = nll_d

@@ -13,13 +13,14 @@ __all__ = ["EditContext", "EditError", "Method", "get_method", "method_names", "
 
 
 def _load() -> dict[str, Method]:
-    from pmedit.methods import alphaedit, emmet, locft, memit, rome
+    from pmedit.methods import alphaedit, emmet, encore, locft, memit, rome
 
     return {m.name: m for m in (
         rome.METHOD,
         memit.METHOD,
         emmet.METHOD,
         alphaedit.METHOD,
+        encore.METHOD,
         locft.METHOD,
     )}
 
