@@ -149,7 +149,8 @@ def _kernel():
     import triton
     import triton.language as tl
 
-    @triton.jit
+    # n and the split sizes change from call to call: no recompiles for their divisibility by 16.
+    @triton.jit(do_not_specialize=["n", "rows_per_split", "split_stride"])
     def syrk_upper_kernel(
         x_ptr, mask_ptr, acc_ptr, n, d, stride_xn, stride_xd, stride_acc, rows_per_split, split_stride,
         HAS_MASK: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr, DESC: tl.constexpr, ACC_DESC: tl.constexpr,
