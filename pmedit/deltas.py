@@ -130,12 +130,16 @@ def read_deltas(path: str | os.PathLike) -> DeltasFile:
     return out
 
 
-def edited_weights(f: DeltasFile, originals: Mapping[int, torch.Tensor],
-                   module_names: Mapping[int, str]) -> dict[int, torch.Tensor]:
+def edited_weights(f: DeltasFile, originals: Mapping[int, torch.Tensor], module_names: Mapping[int, str],
+                   fingerprint: str) -> dict[int, torch.Tensor]:
     """The edited weight of every layer in ``originals``, after checking the file against them:
-    module name, shape, dtype, the SHA-256 of each original, and finiteness of the result."""
+    the model fingerprint, module name, shape, dtype, the SHA-256 of each original, and
+    finiteness of the result."""
     from pmedit.methods.base import finite_or_error
 
+    if fingerprint != f.meta["model_fingerprint"]:
+        raise ValueError(f"{f.path}: saved from a model with fingerprint {f.meta['model_fingerprint']}, this "
+                         f"model has {fingerprint} (another checkpoint or dtype, or already edited)")
     out = {}
     for layer, W0 in originals.items():
         m = f.meta["modules"].get(str(layer))

@@ -18,6 +18,7 @@ weights (swapped in for the moment it takes), and kept keys and method state com
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -30,7 +31,6 @@ from tqdm.auto import tqdm
 
 from pmedit.hparams import EditHparams
 from pmedit.methods import EditContext, EditError, get_method
-from pmedit.methods.base import finite_or_error
 from pmedit.models import ModelSpec
 from pmedit.report import BatchReport, EditReport, relative
 from pmkernels.spd import SPDFactor, rank_update
@@ -126,10 +126,7 @@ class Editor:
             return
         if self.tokenizer is None:
             raise ValueError("this Editor has no tokenizer (it was made by load_deltas without one); pass tokenizer=")
-        edited = self._weights_now() if self.n_edits else None
-        try:
-            if edited is not None:
-                self._write_all(self._original)
+        with self._originals_in_place():
             if self._templates is None:
                 from pmedit.keys import context_templates
 
@@ -138,6 +135,18 @@ class Editor:
                                                     length=hp.template_length, seed=0)
             if need_factors:
                 self._make_factors()
+
+    @contextlib.contextmanager
+    def _originals_in_place(self):
+        """The original weights in the model for the duration (the edits put back exactly after):
+        templates and statistics (cached by the model's fingerprint) belong to the unedited model,
+        even when asked for mid-sequence or after some layers of a batch were written."""
+        edited = self._weights_now() if any(not torch.equal(self._weight(i), self._original[i])
+                                            for i in self.layers) else None
+        try:
+            if edited is not None:
+                self._write_all(self._original)
+            yield
         finally:
             if edited is not None:
                 self._write_all(edited)
@@ -149,18 +158,9 @@ class Editor:
         from pmedit.stats import load_or_collect
 
         hp = self.hparams
-        # The cache is keyed by the model's fingerprint: look it up with the original weights in
-        # place (a method may ask mid-sequence, or after some layers of a batch were written).
-        edited = self._weights_now() if any(not torch.equal(self._weight(i), self._original[i])
-                                            for i in self.layers) else None
-        try:
-            if edited is not None:
-                self._write_all(self._original)
+        with self._originals_in_place():
             stats = load_or_collect(self.model, self.tokenizer, list(self.layers), corpus=hp.mom2_corpus,
                                     max_tokens=hp.mom2_tokens, cache_dir=self.cache_dir, progress=self.progress)
-        finally:
-            if edited is not None:
-                self._write_all(edited)
         return stats[layer].mean
 
     def _make_factors(self) -> None:
@@ -242,15 +242,6 @@ class Editor:
         rep.seconds = time.perf_counter() - t0
         return rep
 
-    def checked_new_weight(self, layer: int, delta: torch.Tensor, *, where: str) -> torch.Tensor:
-        """W + Δ, summed in fp64 and rounded once to W's dtype; EditError if not finite."""
-        W = self._weight(layer)
-        if tuple(delta.shape) != tuple(W.shape):
-            raise EditError(f"{where}: delta for layer {layer} has shape {tuple(delta.shape)}, the weight {tuple(W.shape)}")
-        with torch.no_grad():
-            new = (W.detach().to(torch.float64) + delta.to(device=W.device, dtype=torch.float64)).to(W.dtype)
-        return finite_or_error(new, f"{where}: the update of layer {layer} ({self.module_names[layer]})")
-
     # ----------------------------------------------------------------------- restore
     def restore(self) -> None:
         """Put back the exact original weights and forget every edit, kept key and method state."""
@@ -303,10 +294,7 @@ class Editor:
             raise ValueError(f"{f.path}: saved with other hyperparameters than given: {saved.to_dict()}")
         options.setdefault("templates", f.meta.get("templates"))
         editor = cls(model, tokenizer, hparams=saved, **options)
-        if editor.spec.fingerprint != f.meta["model_fingerprint"]:
-            raise ValueError(f"{f.path}: saved from a model with fingerprint {f.meta['model_fingerprint']}, this "
-                             f"model has {editor.spec.fingerprint} (another checkpoint or dtype, or already edited)")
-        new = edited_weights(f, editor._original, editor.module_names)
+        new = edited_weights(f, editor._original, editor.module_names, editor.fingerprint)
         try:
             editor._write_all(new)
         except BaseException:

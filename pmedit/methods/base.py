@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_VALUE_DEFAULTS = {"objective": "pmedit", "engine": "full", "dtype": "float32"}  # pmedit.values.optimize_values'
+
 
 class EditError(RuntimeError):
     """A batch could not be applied; the weights are as they were before it."""
@@ -42,7 +44,8 @@ class Method:
     whether the Editor must compute C0 and factor λ·C0 before the first edit. ``check_batch``
     runs before any expensive work of a batch (value optimisation) to refuse what cannot work.
     ``solve_groups(ctx, K, R, group_size)``: the updates of many independent batches of one layer
-    at once, as low-rank factors (pmedit.groups; optional). ``preservation_matrix(hp, C0)``: the matrix the Editor factors for each layer (default λ·C0;
+    at once, as low-rank factors (pmedit.groups; optional). ``preservation_matrix(hp, C0)``:
+    the matrix the Editor factors for each layer (default λ·C0;
     ENCORE adds μ·I).
     """
 
@@ -140,7 +143,12 @@ class EditContext:
         """
         if layer not in self.layers:
             raise EditError(f"{self.where}: layer {layer} is not one of this Editor's layers {list(self.layers)}")
-        new = self._ed.checked_new_weight(layer, delta, where=f"{self.where}, layer {layer}")
+        W, where = self.weight(layer), f"{self.where}, layer {layer}"
+        if tuple(delta.shape) != tuple(W.shape):
+            raise EditError(f"{where}: delta for layer {layer} has shape {tuple(delta.shape)}, the weight {tuple(W.shape)}")
+        with torch.no_grad():
+            new = (W.detach().to(torch.float64) + delta.to(device=W.device, dtype=torch.float64)).to(W.dtype)
+        new = finite_or_error(new, f"{where}: the update of layer {layer} ({self.spec.down_proj_name(layer)})")
         self._written = True
         with torch.no_grad():
             self.weight(layer).copy_(new)
@@ -218,6 +226,9 @@ class EditContext:
         kwargs = dict(lr=hp.lr, steps=hp.steps, kl_factor=hp.kl_factor, weight_decay=hp.weight_decay,
                       clamp_norm_factor=hp.clamp_norm_factor, loss_stop=hp.loss_stop,
                       stop_on_argmax=hp.stop_on_argmax, batch_size=hp.value_batch_size)
+        # Only settings that differ from optimize_values' defaults, so stored entries keep their keys.
+        kwargs.update({k: v for k, v in (("objective", hp.value_objective), ("engine", hp.value_engine),
+                                         ("dtype", hp.value_dtype)) if v != _VALUE_DEFAULTS[k]})
         kwargs.update(options)
 
         def compute(chunk):
