@@ -73,12 +73,13 @@ def _hparams(args):
 
     if args.hparams is not None and args.preset is not None:
         raise ValueError("give --hparams or --preset, not both")
+    # --method goes into the preset, so that the method's own preset fields (its layer, its lr) apply
     if args.hparams is not None:
         hp = EditHparams.load(args.hparams)
     elif args.preset is not None:
-        hp = EditHparams.preset(args.preset)
+        hp = EditHparams.preset(args.preset, **({"method": args.method} if args.method else {}))
     elif args.model is None:
-        hp = EditHparams.preset("smollm2")
+        hp = EditHparams.preset("smollm2", **({"method": args.method} if args.method else {}))
     elif args.layers is None:
         raise ValueError("for a model other than the default, give --layers, --preset or --hparams")
     else:
