@@ -5,8 +5,9 @@ context templates, the value settings and the request itself. On unedited weight
 case the Editor asks for: a batch of an experiment, every batch size, MEMIT and EMMET alike,
 every λ of a sweep, the first batch of a sequence) they are therefore reusable across runs, and
 value optimisation is where an edit's time goes. Entries are keyed by a SHA-256 of all of those
-(the model by its fingerprint, which hashes every weight byte), so an entry from other weights or
-other settings can never be found, let alone used.
+(the model by its fingerprint, which hashes every weight byte; the code by a hash of the source
+of the modules that compute the entry), so an entry from other weights, other settings or other
+code can never be found, let alone used.
 
 On disk a store is a directory of safetensors shards, each written atomically with a checksum
 (:func:`pmedit.fileio.save_verified`), and ``index.json`` listing the shards and their entries.
@@ -33,11 +34,32 @@ log = logging.getLogger(__name__)
 STORE_FORMAT = "pmedit-value-store/1"
 
 
+# The code that computes an entry is part of its key: a change to value optimisation, key
+# extraction or tokenisation (or another torch) must never serve values the old code made.
+_CODE = {"keys": ("pmedit.keys", "pmedit.tokens", "pmedit.hooks"),
+         "values": ("pmedit.values", "pmedit.value_objectives", "pmedit.values_cached", "pmedit.tokens", "pmedit.hooks")}
+_code_digests: dict[str, str] = {}
+
+
+def code_version(kind: str) -> str:
+    """SHA-256 over the source of the modules that compute ``kind`` entries, and torch's version."""
+    if kind not in _code_digests:
+        import importlib.util
+
+        h = hashlib.sha256(torch.__version__.encode())
+        for name in _CODE[kind]:
+            spec = importlib.util.find_spec(name)
+            if spec is not None and spec.origin:
+                h.update(name.encode() + Path(spec.origin).read_bytes())
+        _code_digests[kind] = h.hexdigest()
+    return _code_digests[kind]
+
+
 def entry_key(kind: str, fingerprint: str, layer: int, settings: Mapping[str, Any], templates: Sequence[str],
               request: Any) -> str:
     """The SHA-256 naming one record's ``kind`` ("keys" or "values") entry."""
     payload = {
-        "kind": kind, "model": fingerprint, "layer": int(layer), "settings": dict(settings),
+        "kind": kind, "code": code_version(kind), "model": fingerprint, "layer": int(layer), "settings": dict(settings),
         "templates": list(templates),
         "request": [request.prompt, request.subject, request.target_new],
     }

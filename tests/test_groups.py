@@ -152,3 +152,18 @@ def test_corrupt_shard_is_detected(tiny, tmp_path):
     shard.write_bytes(bytes(raw))
     with pytest.raises(ValueError, match=rf"{shard.name}: value store shard checksum mismatch.*delete"):
         ValueStore(tmp_path / "vs")
+
+
+def test_entries_from_other_code_are_never_used(tiny, tmp_path, monkeypatch):
+    """The key includes a hash of the source that computes it: changed value code, new entries."""
+    import pmedit.value_store as vs
+
+    model, tok, c0 = tiny
+    store = ValueStore(tmp_path / "vs")
+    ed = _real_editor(model, tok, store, c0)
+    ed.edit(_reqs(1))
+    ed.restore()
+    monkeypatch.setattr(vs, "_code_digests", {"keys": vs.code_version("keys"), "values": "other code"})
+    ed.edit(_reqs(1))
+    ed.restore()
+    assert (store.hits, store.misses) == (1, 3)  # the key is reused, the value recomputed
