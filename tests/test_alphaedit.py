@@ -11,10 +11,9 @@ import torch
 from conftest import make_tiny_llama
 from pmedit.editor import Editor, EditError
 from pmedit.hparams import EditHparams
-from pmedit.methods.alphaedit import alphaedit_delta, state_key
+from pmedit.methods.alphaedit import Prior, alphaedit_delta, state_key
 from pmedit.requests import EditRequest
 from pmedit.projection import eigh_path, load_or_compute_eigh, null_space_basis
-from pmkernels.solve import SPDFactor
 from test_editor import Synthetic, _requests, _spd, _weights
 
 pytestmark = pytest.mark.usefixtures("one_intraop_thread")
@@ -47,10 +46,10 @@ def _ours_sequence(C0, threshold, l2, batches):
     eig = load_or_compute_eigh(C0, layer=0, fingerprint="test", root=None)
     U = null_space_basis(eig, threshold)
     r = U.shape[1]
-    fac = SPDFactor(l2 * torch.eye(r, dtype=torch.float64))
+    prior = Prior.from_keys(U, None, l2)
     out = []
     for R, K in batches:
-        delta, fac, res = alphaedit_delta(R, K, U, fac)
+        delta, prior, res = alphaedit_delta(R, K, U, prior)
         assert res < 1e-12
         out.append(delta)
     return out, r
