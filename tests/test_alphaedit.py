@@ -15,6 +15,7 @@ from pmedit.methods.alphaedit import Prior, alphaedit_delta, state_key
 from pmedit.requests import EditRequest
 from pmedit.projection import eigh_path, load_or_compute_eigh, null_space_basis
 from test_editor import Synthetic, _requests, _spd, _weights
+from test_experiments import toy  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 
@@ -323,3 +324,37 @@ def test_smollm2_counterfact_edits_stick(smollm2, shared_data):
         assert stuck >= 3, [r.to_dict() for r in res.records]
     finally:
         ed.restore()
+
+
+# ------------------------------------------------------------------ the four experiment kinds
+@pytest.mark.parametrize("kw", [
+    dict(experiment="sequential-batch", batch_sizes=[1, 2], eval_points=[2]),
+    dict(experiment="layer-sweep", layers=[0, 2], total_edits=3, chunk_size=2),
+    dict(experiment="batch", batch_sizes=[2, 4]),
+    dict(experiment="lambda-sweep", batch_sizes=[4], lambdas=[0.5, 2.0]),
+], ids=["sequential-batch", "layer-sweep", "batch", "lambda-sweep"])
+def test_experiments_run_alphaedit_and_encore(toy, tmp_path, monkeypatch, kw):
+    """Every experiment kind runs AlphaEdit and ENCORE (the λ-sweep varies l2 and mu); a
+    sequential run interrupted inside the B=1 sequence resumes from its deltas checkpoint (kept
+    keys and AlphaEdit's state) to the same rows."""
+    from pmedit.experiments import ExperimentConfig, run_experiment
+    from test_experiments import HP, Stop, _interrupt_after, _metrics
+
+    monkeypatch.setenv("PMEDIT_CACHE", str(tmp_path / "cache"))
+    model, tok, data, c0 = toy
+    base = dict(data=str(data), layers=[1], methods=["alphaedit", "encore"], total_edits=4, preset=None,
+                hparams=dict(HP, nullspace_threshold=1.0, mu=0.5), eval={"batch_size": 8})
+    cfg = ExperimentConfig.from_dict({**base, **kw})
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    full = run_experiment(cfg, model=model, tokenizer=tok, out_dir=tmp_path / "a", progress=False, second_moments=c0)
+    methods = {r["method"] for r in full["rows"]}
+    assert {"alphaedit", "encore"} <= methods
+    assert all(torch.equal(p, w0[n]) for n, p in model.named_parameters())
+    if kw["experiment"] == "sequential-batch":
+        with pytest.raises(Stop):
+            run_experiment(cfg, model=model, tokenizer=tok, out_dir=tmp_path / "b", progress=False,
+                           second_moments=c0, on_unit=_interrupt_after(3))
+        resumed = run_experiment(cfg, model=model, tokenizer=tok, out_dir=tmp_path / "b", progress=False,
+                                 second_moments=c0)
+        assert _metrics(resumed["rows"]) == _metrics(full["rows"])
+        assert all(torch.equal(p, w0[n]) for n, p in model.named_parameters())
