@@ -126,6 +126,9 @@ class Editor:
             return
         if self.tokenizer is None:
             raise ValueError("this Editor has no tokenizer (it was made by load_deltas without one); pass tokenizer=")
+        from pmedit.models import check_finite
+
+        check_finite(self.model)  # an inf would surface as a sampling error in template generation
         with self._originals_in_place():
             if self._templates is None:
                 from pmedit.keys import context_templates
