@@ -29,6 +29,11 @@ from pmedit.fileio import atomic_write_text, read_mapping
 
 PRECISIONS = ("fp64", "fp32")
 MOM2_DTYPES = ("float32", "float64")
+# value optimisation: pmedit.value_objectives.OBJECTIVES, pmedit.values.ENGINES and DTYPES
+# (tests/test_value_engines.py checks that these agree)
+VALUE_OBJECTIVES = ("pmedit", "memit")
+VALUE_ENGINES = ("full", "cached")
+VALUE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,6 +60,13 @@ class EditHparams:
     template_length: int = 10
     value_batch_size: int = 16
     key_batch_size: int = 64
+    # value_objective: "pmedit", or "memit" (the MEMIT/EMMET authors' compute_z objective, term by
+    # term in pmedit/value_objectives.py); value_engine "cached" computes what δ cannot change
+    # once per row (pmedit/values_cached.py); value_dtype "bfloat16" runs the frozen model's
+    # per-step passes under autocast (δ, Adam and losses stay fp32)
+    value_objective: str = "pmedit"
+    value_engine: str = "full"
+    value_dtype: str = "float32"
     # statistics of the preservation term (pmedit.stats.load_or_collect); mom2_dtype is the
     # dtype C = lam·C0 is factored and held in (float32 halves the d×d memory on large models)
     mom2_corpus: str = "wiki-offline"
@@ -90,6 +102,9 @@ class EditHparams:
         _choice("method", self.method, _method_names())
         _choice("precision", self.precision, PRECISIONS)
         _choice("mom2_dtype", self.mom2_dtype, MOM2_DTYPES)
+        _choice("value_objective", self.value_objective, VALUE_OBJECTIVES)
+        _choice("value_engine", self.value_engine, VALUE_ENGINES)
+        _choice("value_dtype", self.value_dtype, VALUE_DTYPES)
         _positive("lr", self.lr)
         _positive("clamp_norm_factor", self.clamp_norm_factor)
         _positive("lam", self.lam)

@@ -40,6 +40,7 @@ Not here: keys (pmedit.keys) and turning (K, z − h) into a weight update (pmed
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,8 +54,12 @@ from pmedit.keys import model_device
 from pmedit.models import ModelSpec
 from pmedit.requests import EditRequest, normalize_requests
 from pmedit.tokens import EncodedEdit, EncodedPrompt, encode_kl_prompt, encode_rewrite, pad_batch, pad_id
+from pmedit.value_objectives import Objective, get_objective
 
 log = logging.getLogger(__name__)
+
+ENGINES = ("full", "cached")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 KL_TEMPLATE = "{} is a"
 _BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, as MEMIT uses
@@ -120,17 +125,31 @@ def optimize_values(
     mpes_steps: int = 0,
     kl_template: str = KL_TEMPLATE,
     progress: bool = False,
+    objective: str = "pmedit",
+    engine: str = "full",
+    dtype: str = "float32",
 ) -> ValueResult:
     """Optimise δ for every request, ``batch_size`` edits per forward/backward pass.
 
     ``steps`` is the most Adam updates an edit gets (the loss is evaluated once more after the
     last); memory grows with ``batch_size`` × (len(templates) + 2) sequences.
+    ``objective``: "pmedit" (above) or "memit", the MEMIT/EMMET authors' ``compute_z`` objective
+    (pmedit.value_objectives, term by term). ``engine``: "full" runs every row through the whole
+    model each step; "cached" computes the layers up to ``layer`` and the positions before the
+    subject once per row and each step only the rest (pmedit.values_cached; same function of δ up
+    to fp32 summation order). ``dtype``: "bfloat16" runs the frozen model's per-step passes under
+    autocast (δ, Adam, final norm, logits and losses stay fp32).
     """
     reqs = normalize_requests(requests)
     _check_args(lr=lr, steps=steps, kl_factor=kl_factor, weight_decay=weight_decay,
                 clamp_norm_factor=clamp_norm_factor, loss_stop=loss_stop, batch_size=batch_size)
     if isinstance(mpes_steps, bool) or not isinstance(mpes_steps, int) or mpes_steps < 0:
         raise ValueError(f"optimize_values: mpes_steps must be an int >= 0, got {mpes_steps!r}")
+    obj = get_objective(objective)
+    if engine not in ENGINES:
+        raise ValueError(f"optimize_values: engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"optimize_values: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     hidden = spec.hidden_size
     out_device = spec.down_proj(model, layer).weight.device
     E = len(reqs)
@@ -163,7 +182,7 @@ def optimize_values(
                 model, tok, spec, layer, [encoded[i] for i in idx],
                 lr=lr, steps=steps, kl_factor=kl_factor, weight_decay=weight_decay,
                 clamp_norm_factor=clamp_norm_factor, loss_stop=loss_stop, stop_on_argmax=stop_on_argmax,
-                mpes_steps=mpes_steps,
+                mpes_steps=mpes_steps, objective=obj, engine=engine, dtype=DTYPES[dtype],
             )
             for name in ("h", "delta", "losses", "kl", "steps"):
                 getattr(result, name)[s : s + len(idx)] = getattr(chunk, name).to(out_device)
@@ -232,7 +251,7 @@ class _Group:
     """Index tensors of one forward pass over some rows of the active edits (``j`` indexes the
     active edits, ``ri`` the rows of this pass)."""
 
-    def __init__(self, rows: list[tuple], pad: int, device: torch.device):
+    def __init__(self, rows: list[tuple], pad: int, device: torch.device, kl_at_subject: bool = False):
         seqs, row_edit, row_pos = [], [], []
         tok_row, tok_pos, tok_target, tok_edit, tok_weight = [], [], [], [], []
         kl_row, kl_pos, kl_edit, bare_row, bare_edit = [], [], [], [], []
@@ -242,7 +261,7 @@ class _Group:
             row_pos.append(enc.subject_last)
             if kind == "kl":
                 kl_row.append(ri)
-                kl_pos.append(len(enc.ids) - 1)
+                kl_pos.append(enc.subject_last if kl_at_subject else len(enc.ids) - 1)
                 kl_edit.append(j)
                 continue
             if kind == "bare":
@@ -266,7 +285,7 @@ class _Group:
         self.bare_row, self.bare_edit = as_long(bare_row), as_long(bare_edit)
 
 
-def _make_groups(edits: list[_Edit], active: list[int], pad: int, device: torch.device) -> list[_Group]:
+def _make_rows(edits: list[_Edit], active: list[int]) -> list[tuple]:
     rows = []  # (active index j, kind, encoding, weight of each of its target tokens)
     for j, e in enumerate(active):
         ed = edits[e]
@@ -275,13 +294,22 @@ def _make_groups(edits: list[_Edit], active: list[int], pad: int, device: torch.
             # mean over this prompt's tokens, then mean over the edit's prompts
             rows.append((j, "bare" if r == n_prompts - 1 else "ctx", row, 1.0 / (len(row.target_ids) * n_prompts)))
         rows.append((j, "kl", ed.kl, 0.0))
+    return rows
+
+
+def _make_groups(edits: list[_Edit], active: list[int], pad: int, device: torch.device,
+                 kl_at_subject: bool = False) -> list[_Group]:
+    rows = _make_rows(edits, active)
     overhead = _PASS_OVERHEAD_TOKENS.get(torch.device(device).type, 1024)
     groups = _group_by_length([len(r[2].ids) for r in rows], overhead)
-    return [_Group([rows[i] for i in g], pad, device) for g in groups]
+    return [_Group([rows[i] for i in g], pad, device, kl_at_subject) for g in groups]
 
 
 def _optimize_chunk(model, tok, spec, layer, edits: list[_Edit], *, lr, steps, kl_factor, weight_decay,
-                    clamp_norm_factor, loss_stop, stop_on_argmax, mpes_steps=0) -> ValueResult:
+                    clamp_norm_factor, loss_stop, stop_on_argmax, mpes_steps=0, objective: Objective | None = None,
+                    engine: str = "full", dtype: torch.dtype = torch.float32) -> ValueResult:
+    obj = objective or get_objective("pmedit")
+    n_upd = obj.updates(steps)
     device = model_device(model)
     body, body_norms = _decoder_body(model, spec)
     norm = None if body_norms else spec.norm(model)
@@ -303,9 +331,21 @@ def _optimize_chunk(model, tok, spec, layer, edits: list[_Edit], *, lr, steps, k
     check_argmax = stop_on_argmax or mpes_steps > 0
     active = list(range(n))
     groups = None
-    for it in range(steps + 1):
-        if groups is None:
-            groups = _make_groups(edits, active, pad, device)
+    cached = None  # engine "cached": the chunk's rows, prepared once; each step uses a view of them
+    if engine == "cached":
+        from pmedit.values_cached import make_cached_groups
+
+        final_norm = spec.norm(model)
+        cached = make_cached_groups(model, body, spec, layer, _make_rows(edits, active), pad, device,
+                                    kl_at_subject=obj.kl_at_subject,
+                                    overhead=_PASS_OVERHEAD_TOKENS.get(torch.device(device).type, 1024),
+                                    dtype=dtype)
+    autocast = torch.autocast(torch.device(device).type, dtype=dtype) if dtype != torch.float32 else None
+    for it in range(n_upd + 1):
+        if groups is None and cached is not None:
+            groups = [v for v in (c.view(active) for c in cached) if not v.empty]
+        elif groups is None:
+            groups = _make_groups(edits, active, pad, device, obj.kl_at_subject)
         act = torch.tensor(active, dtype=torch.long, device=device)
         n_act = len(active)
         d_param = delta[act].clone().requires_grad_(True)
@@ -313,26 +353,32 @@ def _optimize_chunk(model, tok, spec, layer, edits: list[_Edit], *, lr, steps, k
         kl = torch.zeros(n_act, device=device)
         misses = torch.zeros(n_act, dtype=torch.long, device=device)
         # The pass after the last update only reports the loss: no graph needed.
-        with torch.set_grad_enabled(it < steps):
+        with torch.set_grad_enabled(it < n_upd):
             for g in groups:
-                def add_delta(name, out, g=g):
-                    # .to(out.device): with a device_map the layer may live on another device.
-                    rows, pos = g.all_rows.to(out.device), g.row_pos.to(out.device)
-                    if it == 0:  # δ = 0 here: the unedited output at the bare prompt's subject
-                        b = g.bare_row.to(out.device)
-                        h[act[g.bare_edit]] = out[b, pos[b]].detach().float().to(device)
-                    add = d_param[g.row_edit].to(device=out.device, dtype=out.dtype)
-                    return out.index_put((rows, pos), add, accumulate=True)
+                if cached is not None:
+                    if it == 0:  # the once-per-row pass read the unedited output at the subject
+                        h[act[g.bare_edit]] = g.base[g.bare_row, 0].detach().float()
+                    sel = final_norm(g.selected_hidden(d_param, dtype))
+                    logits = lm_head(sel.to(lm_head.weight.device)).float().to(device)
+                else:
+                    def add_delta(name, out, g=g):
+                        # .to(out.device): with a device_map the layer may live on another device.
+                        rows, pos = g.all_rows.to(out.device), g.row_pos.to(out.device)
+                        if it == 0:  # δ = 0 here: the unedited output at the bare prompt's subject
+                            b = g.bare_row.to(out.device)
+                            h[act[g.bare_edit]] = out[b, pos[b]].detach().float().to(device)
+                        add = d_param[g.row_edit].to(device=out.device, dtype=out.dtype)
+                        return out.index_put((rows, pos), add, accumulate=True)
 
-                with Trace(model, layer_name, edit_output=add_delta):
-                    hs = body(input_ids=g.ids, attention_mask=g.mask, use_cache=False).last_hidden_state
-                # Only the scored positions reach the vocabulary projection.
-                r = torch.cat([g.tok_row, g.kl_row]).to(hs.device)
-                q = torch.cat([g.tok_pos, g.kl_pos]).to(hs.device)
-                sel = hs[r, q]
-                if norm is not None:
-                    sel = norm(sel)
-                logits = lm_head(sel.to(lm_head.weight.device)).float().to(device)
+                    with Trace(model, layer_name, edit_output=add_delta), (autocast or contextlib.nullcontext()):
+                        hs = body(input_ids=g.ids, attention_mask=g.mask, use_cache=False).last_hidden_state
+                    # Only the scored positions reach the vocabulary projection.
+                    r = torch.cat([g.tok_row, g.kl_row]).to(hs.device)
+                    q = torch.cat([g.tok_pos, g.kl_pos]).to(hs.device)
+                    sel = hs[r, q].float()
+                    if norm is not None:
+                        sel = norm(sel)
+                    logits = lm_head(sel.to(lm_head.weight.device)).float().to(device)
                 n_tok = g.tok_row.numel()
                 if n_tok:
                     # logsumexp − target logit: the NLL without a second [tokens, vocab] tensor
@@ -349,19 +395,19 @@ def _optimize_chunk(model, tok, spec, layer, edits: list[_Edit], *, lr, steps, k
                             ref_logp = torch.zeros((n, kl_logp.shape[1]), device=device)
                         ref_logp[act[g.kl_edit]] = kl_logp.detach()
                     ref = ref_logp[act[g.kl_edit]]
-                    kl = kl.index_add(0, g.kl_edit, (ref.exp() * (ref - kl_logp)).sum(1))
+                    kl = kl.index_add(0, g.kl_edit, obj.kl(ref, kl_logp))
             if it == 0:
                 h_sq[act] = h[act].pow(2).sum(1).clamp_min(1e-12)
-            wd = d_param.pow(2).sum(1) / h_sq[act]
+            wd = obj.decay(d_param, h_sq[act])
             loss = nll + kl_factor * kl + weight_decay * wd
             nll_d = nll.detach()
-            done = nll_d < loss_stop
+            done = obj.stop_value(nll_d, loss) < loss_stop
             if stop_on_argmax:
                 done |= misses == 0
             if mpes_steps:
                 top_hits[act] += (misses == 0).long()
                 done |= top_hits[act] >= mpes_steps
-            if it == steps:
+            if it == n_upd:
                 done[:] = True
             final_nll[act] = nll_d
             final_kl[act] = kl.detach()

@@ -289,9 +289,60 @@ def run(quick: bool = False) -> list[Row]:
     return rows
 
 
+# ------------------------------------------------------------------- edit quality
+
+QUALITY_CONFIGS = {  # hparams changes over the smollm2 preset; "today" is the preset as it is
+    "today": {},
+    "cached": {"value_engine": "cached"},
+    "cached+bf16": {"value_engine": "cached", "value_dtype": "bfloat16"},
+    "cached+bf16+argmax": {"value_engine": "cached", "value_dtype": "bfloat16", "stop_on_argmax": True},
+}
+
+
+def quality(n: int, configs: list[str], *, data: str | None = None, seed: int = 0) -> dict:
+    """ES/PS/NS on the same ``n`` CounterFact records edited with EMMET at B = n under each of
+    ``configs`` (smollm2 preset, C0 from the cached statistics), with the value seconds of each.
+    Run by hand (``python -m pmedit.bench.edit --quality 64 today cached+bf16``): minutes per
+    configuration on 2 cores, too slow for the timed section."""
+    from pmedit.data import load_counterfact, select
+    from pmedit.editor import Editor
+    from pmedit.evaluation import evaluate_counterfact
+    from pmedit.hparams import EditHparams
+    from pmedit.models import load_model
+    from pmedit.stats import load_or_collect
+
+    unknown = [c for c in configs if c not in QUALITY_CONFIGS]
+    if unknown:
+        raise ValueError(f"--quality: unknown configuration(s) {unknown}; known: {', '.join(QUALITY_CONFIGS)}")
+    path = Path(data) if data else COUNTERFACT.parent / "counterfact_original_500.json"
+    records = select(load_counterfact(path), n, seed=seed)
+    model, tok = load_model()
+    base = EditHparams.preset("smollm2")
+    layer = base.layers[0]
+    stats = load_or_collect(model, tok, [layer], corpus=base.mom2_corpus, max_tokens=base.mom2_tokens, progress=False)
+    out = {"n": n, "data": path.name, "seed": seed, "threads": torch.get_num_threads(), "configs": {}}
+    for name in configs:
+        hp = base.replace(**QUALITY_CONFIGS[name])
+        ed = Editor(model, tok, hparams=hp, second_moments={layer: stats[layer].mean}, progress=False)
+        ed.prepare()
+        t0 = time.perf_counter()
+        report = ed.edit(records, batch_size=n)
+        seconds = time.perf_counter() - t0
+        b = report.batches[0]
+        res = evaluate_counterfact(model, tok, records, progress=False)
+        ed.restore()
+        out["configs"][name] = {"hparams": QUALITY_CONFIGS[name], "seconds_edit": seconds,
+                                "seconds_values": b.seconds_values, "mean_value_steps": sum(b.value_steps) / n,
+                                "summary": res.summary}
+        print(json.dumps({name: out["configs"][name]}), flush=True)
+    return out
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--e2e-child":
         print(json.dumps(_e2e_child(json.loads(sys.argv[2]))))
+    elif len(sys.argv) >= 3 and sys.argv[1] == "--quality":
+        print(json.dumps(quality(int(sys.argv[2]), sys.argv[3:] or list(QUALITY_CONFIGS))))
     else:
         from pmedit.bench.__main__ import main
 
