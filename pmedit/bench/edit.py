@@ -132,6 +132,51 @@ def _cpu_values(quick: bool) -> list[Row]:
     return rows
 
 
+def _engine_rows(quick: bool) -> list[Row]:
+    """Today's value optimisation (the frozen copy, pmedit/bench/values_reference.py) against the
+    cached engine in fp32 and bf16, same requests, same settings, interleaved: at the smollm2
+    preset's prompts (5 templates of 10 tokens) and at the experiment configs' (1 template of 5
+    tokens, 5 steps). ``loss_stop=0`` fixes the work (every edit takes every step); the cached
+    engine's once-per-row passes are included, so with the preset's 25 steps the ratio is higher
+    than at the few steps measured here. ``max_rel_diff``: worst per-edit ‖δ − δ_today‖/‖δ_today‖."""
+    from pmedit.bench.values_reference import optimize_values as today
+    from pmedit.keys import context_templates
+    from pmedit.models import ModelSpec, load_model
+    from pmedit.values import optimize_values
+
+    model, tok = load_model()
+    spec = ModelSpec.from_model(model)
+    n_edits = 4 if quick else 8
+    reqs, source = load_requests(n_edits)
+    layer = 4
+    rows = []
+    for label, n_templates, length, steps in [("smollm2 preset prompts", 5, 10, 1 if quick else 4),
+                                               ("experiment configs", 1, 5, 2 if quick else 5)]:
+        templates = context_templates(model, tok, n=n_templates, length=length, seed=0)
+        kw = dict(steps=steps, loss_stop=0.0, batch_size=16)
+        last = {}
+
+        def run(name, fn, **extra):
+            def call():
+                last[name] = fn(model, tok, spec, layer, reqs, templates, **kw, **extra).delta
+            return call
+
+        fns = {"today (frozen copy)": run("today", today),
+               "cached fp32": run("cached fp32", optimize_values, engine="cached"),
+               "cached bf16": run("cached bf16", optimize_values, engine="cached", dtype="bfloat16")}
+        case = (f"values SmolLM2 L{layer} cpu, {label}: {n_edits} edits, {steps} steps, "
+                f"{n_templates} templates of {length} tokens")
+        got = compare(SECTION, case, fns, reference="today (frozen copy)", work=n_edits, unit="edits",
+                      repeats=2, warmup=0, device="cpu",
+                      extra={"requests": source, "threads": torch.get_num_threads()})
+        for r in got:
+            key = {"today (frozen copy)": "today"}.get(r.provider, r.provider)
+            r.extra.update(_agreement(last[key].float(), last["today"].float()))
+        rows += got
+    del model
+    return rows
+
+
 def _e2e_child(args: dict) -> dict:
     """One end-to-end EMMET edit in this (fresh) process; returns seconds and memory."""
     from pmedit.editor import Editor
@@ -274,7 +319,7 @@ def _cuda_rows(quick: bool) -> list[Row]:
 
 
 def run(quick: bool = False) -> list[Row]:
-    rows = _cpu_values(quick)
+    rows = _cpu_values(quick) + _engine_rows(quick)
     if importlib.util.find_spec("pmedit.editor") is None:
         print("edit bench: pmedit/editor.py is not there yet; end-to-end rows skipped", flush=True)
     else:
@@ -296,6 +341,7 @@ QUALITY_CONFIGS = {  # hparams changes over the smollm2 preset; "today" is the p
     "cached": {"value_engine": "cached"},
     "cached+bf16": {"value_engine": "cached", "value_dtype": "bfloat16"},
     "cached+bf16+argmax": {"value_engine": "cached", "value_dtype": "bfloat16", "stop_on_argmax": True},
+    "memit+cached+bf16": {"value_objective": "memit", "value_engine": "cached", "value_dtype": "bfloat16"},
 }
 
 
