@@ -3,7 +3,6 @@ plain fp64 torch: random and real SmolLM2 C0, one batch and sequences; the proje
 that must not leak across Editors, restore() or failed batches; deltas round trips; bad input."""
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from pmedit.hparams import EditHparams
 from pmedit.methods.alphaedit import Prior, alphaedit_delta, state_key
 from pmedit.requests import EditRequest
 from pmedit.projection import eigh_path, load_or_compute_eigh, null_space_basis
-from test_editor import Synthetic, _requests, _spd, _weights
+from test_editor import Synthetic, _requests, _weights
 from test_experiments import toy  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_intraop_thread")
