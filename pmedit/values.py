@@ -379,7 +379,8 @@ def _optimize_chunk(model, tok, spec, layer, edits: list[_Edit], *, lr, steps, k
                     # Only the scored positions reach the vocabulary projection.
                     r = torch.cat([g.tok_row, g.kl_row]).to(hs.device)
                     q = torch.cat([g.tok_pos, g.kl_pos]).to(hs.device)
-                    sel = hs[r, q].float()
+                    # fp32 under autocast (the head then runs in fp32); the model's own dtype otherwise
+                    sel = hs[r, q].float() if autocast is not None else hs[r, q]
                     if norm is not None:
                         sel = norm(sel)
                     logits = lm_head(sel.to(lm_head.weight.device)).float().to(device)
