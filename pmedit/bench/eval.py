@@ -1,5 +1,6 @@
-"""CounterFact evaluation throughput on SmolLM2: batched ES/PS/NS scoring against one prompt at
-a time, and singular-edit evaluation through per-row hooks against copying weights per edit.
+"""Evaluation throughput on SmolLM2: batched CounterFact ES/PS/NS, zsRE token accuracy,
+downstream choice scoring and exact-match generation, each against one prompt at a time; and
+singular-edit evaluation through per-row hooks against copying weights per edit.
 
 "one prompt at a time" is the naive evaluation loop: one full-model forward per
 (prompt, target) pair, full logits, NLL from them. "batched" is
@@ -19,7 +20,7 @@ import torch
 from pmedit.bench.harness import Row, compare
 
 ORDER = 50
-HELP = "CounterFact scoring: batched vs one prompt at a time; singular edits via hooks vs weight copies"
+HELP = "CounterFact/zsRE/downstream scoring and exact match: batched vs one prompt at a time; hooks vs weight copies"
 
 DATA = Path(os.environ.get("PMEDIT_SHARED_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
 
@@ -103,4 +104,64 @@ def run(quick: bool = False) -> list[Row]:
     )
     if not torch.equal(lin.weight, w0):
         raise RuntimeError("eval bench left the model edited")
+    return rows + _new_scorers(model, tok, quick, repeats)
+
+
+def _naive_pair(model, pi, ti):
+    """(summed log-likelihood, target tokens that are the argmax): one unpadded forward."""
+    with torch.no_grad():
+        logits = model(torch.tensor([pi + ti])).logits[0, len(pi) - 1 : len(pi) + len(ti) - 1].float()
+    logp = torch.log_softmax(logits, -1)[torch.arange(len(ti)), torch.tensor(ti)]
+    return logp.sum().item(), int((logits.argmax(-1) == torch.tensor(ti)).sum())
+
+
+def _new_scorers(model, tok, quick: bool, repeats: int) -> list[Row]:
+    """zsRE token accuracy, downstream choice scoring (SST-2, MMLU) and exact match."""
+    from pmedit.evaluation import encode_pair, evaluate_exact_match, evaluate_zsre, load_task, score_task
+    from pmedit.evaluation.registry import load_dataset
+
+    rows: list[Row] = []
+    n = 8 if quick else 32
+    zs = load_dataset("zsre", DATA / "zsre" / "locft_zsre_3k.json", limit=n)
+
+    def zsre_naive():
+        """Per record (efficacy, paraphrase, specificity): correct tokens / target tokens."""
+        out = []
+        for r in zs:
+            acc = []
+            for pairs in ([(r.rewrite_prompt, r.target_new)], [(q, r.target_new) for q in r.paraphrase_prompts],
+                          [(r.loc_prompt + "?", r.loc_answer)]):
+                enc = [encode_pair(tok, p, t) for p, t in pairs]
+                acc.append(sum(_naive_pair(model, *e)[1] for e in enc) / sum(len(e[1]) for e in enc))
+            out.append(tuple(acc))
+        return out
+
+    got = [(s.efficacy, s.paraphrase, s.specificity) for s in evaluate_zsre(model, tok, zs).records]
+    if got != zsre_naive():
+        raise RuntimeError(f"zsRE: batched and one-at-a-time token accuracies differ: {got} vs {zsre_naive()}")
+    rows += compare("eval", f"zsRE token accuracy, {n} records x 3 prompts",
+                    {"one prompt at a time": zsre_naive, "batched": lambda: evaluate_zsre(model, tok, zs)},
+                    reference="one prompt at a time", work=n, unit="records", repeats=repeats, warmup=1)
+
+    for task, k in (("sst2", 16 if quick else 64), ("mmlu", 4 if quick else 16)):
+        ex = load_task(task, DATA, limit=k)
+
+        def naive(ex=ex):
+            return [max(range(len(e.choices)), key=lambda c, e=e: _naive_pair(model, *encode_pair(tok, e.prompt,
+                                                                                                    e.choices[c]))[0])
+                    for e in ex]
+
+        if naive() != score_task(model, tok, task, ex).pred:
+            raise RuntimeError(f"{task}: batched and one-at-a-time predictions differ")
+        rows += compare("eval", f"{task} choice scoring, {k} examples x {len(ex[0].choices)} choices",
+                        {"one prompt at a time": naive, "batched": lambda ex=ex, task=task: score_task(model, tok, task, ex)},
+                        reference="one prompt at a time", work=k, unit="examples", repeats=repeats, warmup=1)
+
+    cf = load_dataset("counterfact", DATA / "counterfact" / "counterfact_original_500.json", limit=4 if quick else 16)
+    one = lambda: [evaluate_exact_match(model, tok, [r], batch_size=1).records[0] for r in cf]  # noqa: E731
+    if [r["texts"] for r in one()] != [r["texts"] for r in evaluate_exact_match(model, tok, cf).records]:
+        raise RuntimeError("exact match: batched and one-at-a-time generations differ")
+    rows += compare("eval", f"exact match (greedy), {len(cf)} CounterFact records x 3 prompts",
+                    {"one prompt at a time": one, "batched": lambda: evaluate_exact_match(model, tok, cf)},
+                    reference="one prompt at a time", work=len(cf), unit="records", repeats=repeats, warmup=1)
     return rows

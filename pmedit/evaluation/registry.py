@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["DatasetSpec", "MetricSet", "DATASETS", "METRIC_SETS", "register_dataset", "register_metric_set",
-           "load_dataset", "run_metric_sets", "shared_data_dir"]
+           "load_dataset", "run_metric_sets", "shared_data_dir", "check_metric_sets", "headline_keys"]
 
 
 def shared_data_dir() -> Path:
@@ -39,6 +39,7 @@ class MetricSet:
     run: Callable  # (model, tok, records, *, edits, groups, **settings) -> summary dict
     datasets: tuple[str, ...] | None  # datasets whose records it scores; None: model-level (records unused)
     settings: tuple[str, ...] = ()  # the keyword settings it accepts
+    headline: tuple[str, ...] | Callable = ()  # summary keys a figure shows (or settings -> keys)
 
 
 DATASETS: dict[str, DatasetSpec] = {}
@@ -148,12 +149,32 @@ def _perplexity(model, tok, records=None, *, edits=None, groups=None, text: str 
                               window=window)["ppl"]}
 
 
+def _downstream_headline(settings: Mapping) -> tuple[str, ...]:
+    from pmedit.evaluation.downstream import TASKS
+
+    tasks = settings.get("tasks") or list(TASKS)
+    return tuple(f"{t}_{TASKS[t].primary}" for t in tasks if t in TASKS)
+
+
 register_metric_set(MetricSet("counterfact", _counterfact, ("counterfact",),
-                              ("batch_size", "generation_accuracy", "entropy", "max_gen_prompts", "gen_length")))
-register_metric_set(MetricSet("zsre", _zsre, ("zsre",), ("batch_size",)))
-register_metric_set(MetricSet("exact_match", _exact_match, ("counterfact", "zsre", "requests"), ("batch_size",)))
-register_metric_set(MetricSet("downstream", _downstream, None, ("tasks", "limit", "shots", "data_dir", "batch_size")))
-register_metric_set(MetricSet("perplexity", _perplexity, None, ("text", "tokens", "window")))
+                              ("batch_size", "generation_accuracy", "entropy", "max_gen_prompts", "gen_length"),
+                              ("es", "ps", "ns", "score", "gen_acc", "ge")))
+register_metric_set(MetricSet("zsre", _zsre, ("zsre",), ("batch_size",), ("zsre_es", "zsre_ps", "zsre_ns")))
+register_metric_set(MetricSet("exact_match", _exact_match, ("counterfact", "zsre", "requests"), ("batch_size",),
+                              ("em_rewrite", "em_paraphrase")))
+register_metric_set(MetricSet("downstream", _downstream, None, ("tasks", "limit", "shots", "data_dir", "batch_size"),
+                              _downstream_headline))
+register_metric_set(MetricSet("perplexity", _perplexity, None, ("text", "tokens", "window"), ("ppl",)))
+
+
+def headline_keys(names: Sequence[str], settings: Mapping[str, Mapping] | None = None) -> list[str]:
+    """The summary keys the named metric sets put in a figure, in order."""
+    out: list[str] = []
+    for n in names:
+        h = METRIC_SETS[n].headline
+        keys = h(dict((settings or {}).get(n, {}))) if callable(h) else h
+        out += [k for k in keys if k not in out]
+    return out
 
 
 def check_metric_sets(names: Sequence[str], dataset: str, settings: Mapping[str, Mapping] | None = None) -> None:

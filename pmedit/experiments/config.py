@@ -20,8 +20,20 @@ EXPERIMENTS = ("layer-sweep", "batch", "sequential-batch", "lambda-sweep")
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """What is measured after editing (ES/PS/NS always)."""
+    """What is measured after editing: the edit metrics on the edited records (``metric_sets``,
+    default the dataset's own, e.g. ES/PS/NS for CounterFact) and model-level ``probes``
+    (``downstream``, ``perplexity``) at the baseline and each checkpoint; names from
+    pmedit.evaluation.registry, their keyword ``settings`` per name (subsample sizes among them).
+    ``every``: sequential-batch also scores every that many batches; ``max_records``: score a
+    seeded sample of at most that many of the edits so far; ``budget_s``: metric sets that would
+    start after that many seconds of a checkpoint's evaluation are skipped (and listed)."""
 
+    metric_sets: tuple[str, ...] | None = None
+    probes: tuple[str, ...] = ()
+    settings: dict = field(default_factory=dict)
+    every: int = 0
+    max_records: int | None = None
+    budget_s: float | None = None
     batch_size: int | None = None  # sequences per scoring pass (None: 16 on CPU, 64 on GPU)
     generation_accuracy: bool = False
     entropy: bool = False  # GE: sampled texts from the generation prompts
@@ -31,6 +43,28 @@ class EvalSettings:
     ppl_text: str = "../shared/data/text/wikitext2_raw_wiki.test.raw"  # NOT the C0 corpus
     ppl_tokens: int = 4096
     ppl_window: int = 256
+
+    def __post_init__(self):
+        for name in ("metric_sets", "probes"):
+            v = getattr(self, name)
+            if isinstance(v, list):
+                object.__setattr__(self, name, tuple(v))
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, tuple) or not all(isinstance(x, str) for x in v)):
+                raise ValueError(f"experiment config field 'eval.{name}': expected a list of names, got {v!r}")
+        if not isinstance(self.settings, dict) or not all(isinstance(v, dict) for v in self.settings.values()):
+            raise ValueError(f"experiment config field 'eval.settings': expected {{metric set: {{setting: value}}}}, "
+                             f"got {self.settings!r}")
+        if not _is_int(self.every) or self.every < 0:
+            raise ValueError(f"experiment config field 'eval.every': a non-negative integer, got {self.every!r}")
+        if self.max_records is not None and (not _is_int(self.max_records) or self.max_records < 1):
+            raise ValueError(f"experiment config field 'eval.max_records': a positive integer or null, got {self.max_records!r}")
+        if self.budget_s is not None and (isinstance(self.budget_s, bool) or not isinstance(self.budget_s, (int, float))
+                                          or self.budget_s <= 0):
+            raise ValueError(f"experiment config field 'eval.budget_s': a positive number or null, got {self.budget_s!r}")
+        if self.perplexity and "perplexity" in self.probes:
+            raise ValueError("experiment config field 'eval': perplexity is both on (eval.perplexity) and a probe; "
+                             "use one")
 
 
 @dataclass(frozen=True)
@@ -49,6 +83,7 @@ class ExperimentConfig:
     experiment: str
     data: str
     layers: tuple[int, ...]
+    dataset: str = "counterfact"  # how ``data`` is read: counterfact | zsre | requests (pmedit.evaluation.registry)
     methods: tuple[str, ...] = ("memit", "emmet")
     total_edits: int = 64
     batch_sizes: tuple[int, ...] = ()
@@ -79,6 +114,22 @@ class ExperimentConfig:
                 raise ValueError(f"experiment config field {name!r}: expected a list, got {v!r}")
         if isinstance(self.eval, dict):
             object.__setattr__(self, "eval", _build(EvalSettings, self.eval, "experiment config field 'eval'"))
+        from pmedit.evaluation.registry import DATASETS, check_metric_sets
+
+        if self.dataset not in DATASETS:
+            raise ValueError(f"experiment config field 'dataset': {self.dataset!r} is not one of {sorted(DATASETS)}")
+        try:
+            check_metric_sets(list(self.edit_metric_sets) + list(self.eval.probes), self.dataset, self.eval.settings)
+        except ValueError as e:
+            raise ValueError(f"experiment config field 'eval': {e}") from None
+        if any(n in self.edit_metric_sets for n in self.eval.probes):
+            raise ValueError(f"experiment config field 'eval': {list(self.eval.probes)} are both metric sets and probes")
+        from pmedit.evaluation.registry import METRIC_SETS
+
+        level = [n for n in self.eval.probes if METRIC_SETS[n].datasets is not None]
+        if level:
+            raise ValueError(f"experiment config field 'eval.probes': {level} score edited records; list them "
+                             "in eval.metric_sets")
         if self.experiment not in EXPERIMENTS:
             raise ValueError(f"experiment config field 'experiment': {self.experiment!r} is not one of {list(EXPERIMENTS)}")
         if not self.layers or any(not _is_int(x) or x < 0 for x in self.layers):
@@ -134,11 +185,21 @@ class ExperimentConfig:
                              f"{list(self.methods)}; valid keys are: {', '.join(sorted(valid))}")
 
     # -----------------------------------------------------------------------------------
+    @property
+    def edit_metric_sets(self) -> tuple[str, ...]:
+        """The metric sets scored on edited records: eval.metric_sets, else the dataset's own."""
+        if self.eval.metric_sets is not None:
+            return self.eval.metric_sets
+        from pmedit.evaluation.registry import DATASETS
+
+        return DATASETS[self.dataset].metric_sets if self.dataset in DATASETS else ()
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for k, v in d.items():
-            if isinstance(v, tuple):
-                d[k] = list(v)
+        for sub in (d, d["eval"]):  # as JSON stores them, so a resumed run compares equal
+            for k, v in sub.items():
+                if isinstance(v, tuple):
+                    sub[k] = list(v)
         return d
 
     @classmethod

@@ -1,8 +1,11 @@
 """Figures of the study's shape from result rows (matplotlib, Agg, small PNGs).
 
-One panel per metric (ES, PS, NS, S; plus perplexity and GE when measured), one line per
-method; the unedited model, when scored, is a dashed line. The x axis is what the experiment
-varies: layer, batch size (log scale) or λ.
+One panel per headline metric of the run's metric sets (pmedit.evaluation.registry: ES, PS,
+NS, S for CounterFact, zsRE's three accuracies, each probe's primary figure, ...; perplexity
+when measured), one line per method; the unedited model, when scored, is a dashed line. The x
+axis is what the experiment varies: layer, batch size (log scale) or λ. A sequential-batch run
+scored at several edit counts also gets ``*-progress.png``: the metrics against the number of
+edits so far, one line per method and batch size.
 """
 from __future__ import annotations
 
@@ -10,26 +13,61 @@ from pathlib import Path
 
 from pmedit.fileio import atomic_path
 
-METRICS = [("es", "ES"), ("ps", "PS"), ("ns", "NS"), ("score", "S"), ("ppl", "perplexity"), ("ge", "GE")]
+TITLES = {"es": "ES", "ps": "PS", "ns": "NS", "score": "S", "ppl": "perplexity", "ge": "GE", "gen_acc": "gen. acc"}
 XAXIS = {"layer-sweep": ("layer", "edited layer"), "batch": ("batch_size", "batch size"),
          "sequential-batch": ("batch_size", "batch size (sequential)"), "lambda-sweep": ("lam", "λ (MEMIT) / λₑ (EMMET)")}
 
 
-def plot_rows(cfg, rows: list[dict], path: str | Path) -> Path:
+def metric_keys(cfg, rows: list[dict]) -> list[tuple[str, str]]:
+    """(key, title) of the headline metrics the rows hold: the run's metric sets and probes."""
+    from pmedit.evaluation.registry import headline_keys
+
+    keys = headline_keys(list(cfg.edit_metric_sets) + list(cfg.eval.probes), cfg.eval.settings) + ["ppl"]
+    return [(k, TITLES.get(k, k)) for k in dict.fromkeys(keys) if any(r.get(k) is not None for r in rows)]
+
+
+def _figure(metrics, title):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    cols = min(len(metrics), 6)
+    nrows = -(-len(metrics) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(2.6 * cols, 2.6 * nrows), squeeze=False)
+    for ax in axes.flat[len(metrics):]:
+        ax.set_visible(False)
+    fig.suptitle(title, fontsize=9)
+    return plt, fig, list(axes.flat)
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=80)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _style(ax, title, xlabel):
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+
+
+def plot_rows(cfg, rows: list[dict], path: str | Path) -> Path:
     path = Path(path)
     xkey, xlabel = XAXIS[cfg.experiment]
     base = next((r for r in rows if r.get("method") == "none"), None)
     data = [r for r in rows if r.get("method") != "none"]
     if cfg.experiment == "sequential-batch":  # the figure shows the end of each sequence
         data = [r for r in data if r.get("n_edits") == cfg.total_edits]
-    metrics = [(k, t) for k, t in METRICS if any(r.get(k) is not None for r in data)]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(2.6 * len(metrics), 2.6), squeeze=False)
-    for ax, (key, title) in zip(axes[0], metrics):
+    metrics = metric_keys(cfg, data) or [("es", "ES")]
+    plt, fig, axes = _figure(metrics, f"{cfg.experiment}: {cfg.total_edits} {cfg.dataset} edits, seed {cfg.seed}")
+    for ax, (key, title) in zip(axes, metrics):
         for m in dict.fromkeys(r["method"] for r in data):
             pts = sorted((r[xkey], r[key]) for r in data if r["method"] == m and r.get(key) is not None)
             if pts:
@@ -38,18 +76,34 @@ def plot_rows(cfg, rows: list[dict], path: str | Path) -> Path:
             ax.axhline(base[key], ls="--", c="grey", lw=1, label="unedited")
         if cfg.experiment in ("batch", "sequential-batch"):
             ax.set_xscale("log", base=2)
-        if cfg.experiment == "lambda-sweep" and all(r[xkey] > 0 for r in data):
+        if cfg.experiment == "lambda-sweep" and data and all(r[xkey] > 0 for r in data):
             ax.set_xscale("log")
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel(xlabel, fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{cfg.experiment}: {cfg.total_edits} CounterFact edits, seed {cfg.seed}", fontsize=9)
-    fig.tight_layout()
-    try:
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=80)
-    finally:
-        plt.close(fig)
-    return path
+        _style(ax, title, xlabel)
+    axes[0].legend(fontsize=7)
+    return _save(plt, fig, path)
+
+
+def plot_progress(cfg, rows: list[dict], path: str | Path) -> Path | None:
+    """Sequential-batch metrics against the number of edits so far; None with one edit count."""
+    data = [r for r in rows if r.get("method") != "none" and r.get("n_edits")]
+    if cfg.experiment != "sequential-batch" or len({r["n_edits"] for r in data}) < 2:
+        return None
+    base = next((r for r in rows if r.get("method") == "none"), None)
+    metrics = metric_keys(cfg, data)
+    if not metrics:
+        return None
+    plt, fig, axes = _figure(metrics, f"sequential {cfg.dataset} edits: metrics after each checkpoint, seed {cfg.seed}")
+    lines = dict.fromkeys((r["method"], r["batch_size"]) for r in data)
+    for ax, (key, title) in zip(axes, metrics):
+        for m, b in lines:
+            pts = sorted((r["n_edits"], r[key]) for r in data
+                         if (r["method"], r["batch_size"]) == (m, b) and r.get(key) is not None)
+            if pts:
+                ax.plot([0] * bool(base and base.get(key) is not None) + [p[0] for p in pts],
+                        ([base[key]] if base and base.get(key) is not None else []) + [p[1] for p in pts],
+                        marker="o", ms=3, label=f"{m.upper()} B={b}")
+        if base is not None and base.get(key) is not None:
+            ax.axhline(base[key], ls="--", c="grey", lw=1, label="unedited")
+        _style(ax, title, "edits so far")
+    axes[0].legend(fontsize=7)
+    return _save(plt, fig, Path(path))
