@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from pmedit.data import load_counterfact, select
+from pmedit.data import select
 from pmedit.evaluation import (GroupDeltas, RankOneEdits, evaluate_counterfact, load_heldout_text, low_rank_factors,
                                perplexity, rank_one_factors)
 from pmedit.experiments.config import ExperimentConfig
@@ -39,6 +39,7 @@ from pmedit.experiments.store import RunStore, write_csv
 from pmedit.fileio import atomic_write_json, machine_info
 from pmedit.methods import get_method
 from pmedit.evaluation.metrics import RecordScores, summarize
+from pmedit.evaluation.registry import load_dataset, run_metric_sets
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +78,12 @@ def plan(cfg: ExperimentConfig) -> list[Unit]:
 
 def _seq_eval_counts(cfg: ExperimentConfig, b: int) -> set[int]:
     """Edit counts after which a sequence of batch size b is scored: the first batch boundary
-    at or past each eval point, and the end."""
+    at or past each eval point, every ``eval.every`` batches, and the end."""
     counts = {cfg.total_edits}
     for p in cfg.eval_points:
         counts.add(-(-p // b) * b)
+    if cfg.eval.every:  # every K batches
+        counts.update(range(cfg.eval.every * b, cfg.total_edits + 1, cfg.eval.every * b))
     return counts
 
 
@@ -89,10 +92,10 @@ class _Runner:
         self.cfg, self.model, self.tok, self.store = cfg, model, tok, store
         self.progress = progress
         self.second_moments = second_moments
-        self.records = select(load_counterfact(cfg.data), cfg.total_edits, seed=cfg.seed)
+        self.records = select(load_dataset(cfg.dataset, cfg.data), cfg.total_edits, seed=cfg.seed)
         if len(self.records) < cfg.total_edits:
             raise ValueError(f"{cfg.data} holds {len(self.records)} records, total_edits={cfg.total_edits}")
-        self.requests = [r.as_memit_dict() for r in self.records]
+        self.requests = [r.as_memit_dict() if hasattr(r, "as_memit_dict") else r for r in self.records]
         self._ppl_texts = None
         self.value_store = _value_store(cfg)
         self._open_seq: tuple[str, Any] | None = None  # (sequence name, Editor) in progress
@@ -110,17 +113,39 @@ class _Runner:
     def _c0(self, layer: int):
         return None if self.second_moments is None else {layer: self.second_moments[layer]}
 
-    def evaluate(self, records, *, edits=None, groups=None, with_ppl=True) -> dict:
+    def evaluate(self, records, *, edits=None, groups=None, with_ppl=True, probes=False) -> dict:
+        """The config's edit metric sets on ``records`` (and, with ``probes``, its model-level
+        probes), one flat summary; metric sets that would start past ``eval.budget_s`` are
+        skipped and listed under ``skipped``."""
         e = self.cfg.eval
         t0 = time.perf_counter()
-        res = evaluate_counterfact(
-            self.model, self.tok, records, edits=edits, groups=groups, batch_size=e.batch_size,
-            generation_accuracy=e.generation_accuracy, entropy=e.entropy, max_gen_prompts=e.max_gen_prompts,
-            gen_length=e.gen_length, seed=self.cfg.seed, progress=False,
-        )
-        out = {"summary": res.summary}
-        if edits is not None:
-            out["records"] = [r.to_dict() for r in res.records]
+        out: dict[str, Any] = {"summary": {}}
+        skipped = []
+
+        def over_budget() -> bool:
+            return e.budget_s is not None and time.perf_counter() - t0 > e.budget_s
+
+        for name in self.cfg.edit_metric_sets:
+            if over_budget():
+                skipped.append(name)
+                continue
+            if name == "counterfact":  # its per-record scores rebuild S over layer-sweep chunks
+                t1 = time.perf_counter()
+                res = evaluate_counterfact(
+                    self.model, self.tok, records, edits=edits, groups=groups, batch_size=e.batch_size,
+                    generation_accuracy=e.generation_accuracy, entropy=e.entropy, max_gen_prompts=e.max_gen_prompts,
+                    gen_length=e.gen_length, seed=self.cfg.seed, progress=False,
+                )
+                out["summary"].update(res.summary)
+                out["summary"]["counterfact_seconds"] = time.perf_counter() - t1
+                if edits is not None:
+                    out["records"] = [r.to_dict() for r in res.records]
+            else:
+                kw = dict(e.settings)
+                if e.batch_size is not None:
+                    kw.setdefault(name, {}).setdefault("batch_size", e.batch_size)
+                out["summary"].update(run_metric_sets(self.model, self.tok, records, [name], dataset=self.cfg.dataset,
+                                                      edits=edits, groups=groups, settings=kw))
         if with_ppl and e.perplexity:
             if self._ppl_texts is None:
                 self._ppl_texts = load_heldout_text(e.ppl_text, max_chars=e.ppl_tokens * 8)
@@ -128,6 +153,16 @@ class _Runner:
             with _first_group(edits):
                 out["ppl"] = perplexity(self.model, self.tok, self._ppl_texts, max_tokens=e.ppl_tokens,
                                         window=e.ppl_window)["ppl"]
+        if probes:
+            for name in e.probes:
+                if over_budget():
+                    skipped.append(name)
+                    continue
+                with _first_group(edits):  # as perplexity: the model its first update edits
+                    out["summary"].update(run_metric_sets(self.model, self.tok, [], [name], dataset=self.cfg.dataset,
+                                                          settings=e.settings))
+        if skipped:
+            out["skipped"] = skipped
         out["eval_seconds"] = time.perf_counter() - t0
         return out
 
@@ -136,7 +171,7 @@ class _Runner:
         return getattr(self, f"_{u.kind}")(u)
 
     def _baseline(self, u: Unit) -> dict:
-        return self.evaluate(self.records)
+        return self.evaluate(self.records, probes=True)
 
     def _singular(self, u: Unit) -> dict:
         cs = self.cfg.chunk_size
@@ -174,7 +209,7 @@ class _Runner:
             t0 = time.perf_counter()
             rep = ed.edit(self.requests[: u.batch_size], batch_size=u.batch_size)
             edit_s = time.perf_counter() - t0
-            out = self.evaluate(self.records[: u.batch_size])
+            out = self.evaluate(self.records[: u.batch_size], probes=True)
             out["edit_seconds"] = edit_s
             out["update_norm"] = rep.batches[-1].update_norms.get(u.layer)
         finally:
@@ -214,7 +249,10 @@ class _Runner:
         done = (u.index + 1) * b
         out: dict[str, Any] = {"n_edits": done, "edit_seconds": edit_s}
         if done in _seq_eval_counts(self.cfg, b):
-            out.update(self.evaluate(self.records[:done]))
+            recs = self.records[:done]
+            if self.cfg.eval.max_records is not None and done > self.cfg.eval.max_records:
+                recs = select(recs, self.cfg.eval.max_records, seed=self.cfg.seed)  # a fixed-size sample of the edits so far
+            out.update(self.evaluate(recs, probes=True))
         last = done >= self.cfg.total_edits
         if last:
             self._close_seq()
@@ -294,16 +332,39 @@ def _first_group(edits):
 
 
 def _row(cfg, u: Unit | None, res: dict, **extra) -> dict:
-    s = res["summary"]
+    # every metric key the summaries hold (a new metric set adds its keys here by itself)
     row = {"experiment": cfg.experiment, **extra}
-    for k in ("es", "ps", "ns", "score", "es_mag", "ps_mag", "ns_mag", "es_acc", "ps_acc", "ns_acc", "gen_acc", "ge"):
-        row[k] = s.get(k)
-    row["ppl"] = res.get("ppl")
+    row.update({k: v for k, v in res["summary"].items() if k != "n_records"})
+    if res.get("ppl") is not None or "ppl" not in row:
+        row["ppl"] = res.get("ppl")
     for k in ("edit_seconds", "seconds_values", "seconds_keys", "seconds_solve", "eval_seconds", "n_groups",
               "unconverged"):
         if k in res or k in ("edit_seconds", "eval_seconds"):
             row[k] = res.get(k)
     return row
+
+
+def _merge_chunks(chunks: list[dict]) -> dict:
+    """One summary from layer-sweep chunks: CounterFact's from all per-record scores (S is a
+    harmonic mean, not a mean of chunk means); every other key a mean of per-record means,
+    i.e. the chunk values weighted by their record counts; seconds summed."""
+    out: dict[str, Any] = {}
+    recs = [RecordScores(**r) for c in chunks for r in c.get("records", [])]
+    if recs:
+        out.update(summarize(recs))
+    n = [c["summary"].get("n_records") or 0 for c in chunks]
+    out["n_records"] = sum(n)
+    for k in dict.fromkeys(k for c in chunks for k in c["summary"]):
+        if k in out:
+            continue
+        vals = [(c["summary"].get(k), w) for c, w in zip(chunks, n)]
+        if k.endswith("_seconds"):
+            out[k] = sum(v for v, _ in vals if v is not None)
+        elif all(isinstance(v, (int, float)) for v, _ in vals) and sum(n):
+            out[k] = sum(v * w for v, w in vals) / sum(n)
+        else:
+            out[k] = None
+    return out
 
 
 def collect_rows(cfg: ExperimentConfig, units: list[Unit], done: dict) -> list[dict]:
@@ -318,13 +379,13 @@ def collect_rows(cfg: ExperimentConfig, units: list[Unit], done: dict) -> list[d
         for (m, layer), us in groups.items():
             if not all(u.key in done for u in us):
                 continue
-            recs = [RecordScores(**r) for u in us for r in done[u.key]["records"]]
             res = {
-                "summary": summarize(recs),
+                "summary": _merge_chunks([done[u.key] for u in us]),
                 "edit_seconds": sum(done[u.key]["edit_seconds"] for u in us),
                 "eval_seconds": sum(done[u.key]["eval_seconds"] for u in us),
             }
-            rows.append(_row(cfg, None, res, method=m, layer=layer, batch_size=1, n_edits=len(recs)))
+            n = sum(done[u.key]["summary"].get("n_records") or 0 for u in us)
+            rows.append(_row(cfg, None, res, method=m, layer=layer, batch_size=1, n_edits=n))
     else:
         for u in units:
             if u.kind == "baseline" or u.key not in done or "summary" not in done[u.key]:
@@ -414,7 +475,10 @@ def _write_results(cfg: ExperimentConfig, root: Path, rows: list[dict], plot: bo
     write_csv(root / "results.csv", rows)
     out = {"rows": rows, "out_dir": str(root), "value_store": value_store}
     if plot:
-        from pmedit.experiments.plots import plot_rows
+        from pmedit.experiments.plots import plot_progress, plot_rows
 
         out["plot"] = str(plot_rows(cfg, rows, root / f"{cfg.experiment}.png"))
+        prog = plot_progress(cfg, rows, root / f"{cfg.experiment}-progress.png")
+        if prog is not None:
+            out["plot_progress"] = str(prog)
     return out
