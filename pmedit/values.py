@@ -37,7 +37,7 @@ token); the weight decay is on ‖δ‖²/‖h‖² (MEMIT: ‖δ‖/‖h‖²);
 the total loss); target ids never contain BOS (pmedit.tokens). ``objective="memit"`` is theirs,
 term by term (pmedit.value_objectives). ``engine="cached"`` (pmedit.values_cached) computes what δ
 cannot change once per row, and ``dtype="bfloat16"`` runs the frozen model's per-step passes in
-bf16: 7.7x less value time per edit at the smollm2 preset, ES/PS within a point
+bf16: 9.8x less value time per edit at the smollm2 preset (interleaved), ES/PS within a point
 (benchmarks/RESULTS.md).
 
 Not here: keys (pmedit.keys) and turning (K, z − h) into a weight update (pmedit.editor).

@@ -70,6 +70,10 @@ def check_supported(model: nn.Module, body: nn.Module) -> None:
     if not hasattr(getattr(model, "config", None), "_attn_implementation"):
         raise ValueError(f"optimize_values engine 'cached': {type(model).__name__} has no config._attn_implementation "
                          "(a transformers decoder is needed); use engine='full'")
+    devices = {p.device for p in model.parameters()}
+    if len(devices) > 1:
+        raise ValueError(f"optimize_values engine 'cached': the model spans devices {sorted(map(str, devices))} "
+                         "(device_map); use engine='full'")
     if not hasattr(body, "rotary_emb"):
         raise ValueError(f"optimize_values engine 'cached': {type(body).__name__} has no rotary_emb "
                          "(a Llama-style decoder is needed); use engine='full'")
