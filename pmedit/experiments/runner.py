@@ -35,10 +35,10 @@ from pmedit.data import select
 from pmedit.evaluation import (GroupDeltas, RankOneEdits, evaluate_counterfact, load_heldout_text, low_rank_factors,
                                perplexity, rank_one_factors)
 from pmedit.experiments.config import ExperimentConfig
-from pmedit.experiments.store import RunStore, write_csv
-from pmedit.fileio import atomic_write_json, machine_info
+from pmedit.experiments.results import collect_rows, store_summary, write_results
+from pmedit.experiments.store import RunStore
 from pmedit.methods import get_method
-from pmedit.evaluation.metrics import RecordScores, summarize
+from pmedit.requests import drop_conflicts
 from pmedit.evaluation.registry import load_dataset, run_metric_sets
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,12 @@ class _Runner:
         self.cfg, self.model, self.tok, self.store = cfg, model, tok, store
         self.progress = progress
         self.second_moments = second_moments
-        self.records = select(load_dataset(cfg.dataset, cfg.data), cfg.total_edits, seed=cfg.seed)
+        # Records that ask another target for a prompt and subject an earlier one rewrites cannot
+        # share a batch (both would be refused): dropped before sampling, as MEMIT does.
+        recs = load_dataset(cfg.dataset, cfg.data)
+        drop = set(drop_conflicts(recs)[1])
+        self.n_conflicts_dropped = len(drop)
+        self.records = select([r for i, r in enumerate(recs) if i not in drop], cfg.total_edits, seed=cfg.seed)
         if len(self.records) < cfg.total_edits:
             raise ValueError(f"{cfg.data} holds {len(self.records)} records, total_edits={cfg.total_edits}")
         self.requests = [r.as_memit_dict() if hasattr(r, "as_memit_dict") else r for r in self.records]
@@ -328,81 +333,6 @@ def _first_group(edits):
             W.copy_(saved)
 
 
-# ------------------------------------------------------------------------------ rows
-
-
-def _row(cfg, u: Unit | None, res: dict, **extra) -> dict:
-    # every metric key the summaries hold (a new metric set adds its keys here by itself)
-    row = {"experiment": cfg.experiment, **extra}
-    row.update({k: v for k, v in res["summary"].items() if k != "n_records"})
-    if res.get("ppl") is not None or "ppl" not in row:
-        row["ppl"] = res.get("ppl")
-    for k in ("edit_seconds", "seconds_values", "seconds_keys", "seconds_solve", "eval_seconds", "n_groups",
-              "unconverged"):
-        if k in res or k in ("edit_seconds", "eval_seconds"):
-            row[k] = res.get(k)
-    return row
-
-
-def _merge_chunks(chunks: list[dict]) -> dict:
-    """One summary from layer-sweep chunks: CounterFact's from all per-record scores (S is a
-    harmonic mean, not a mean of chunk means); every other key a mean of per-record means,
-    i.e. the chunk values weighted by their record counts; seconds summed."""
-    out: dict[str, Any] = {}
-    recs = [RecordScores(**r) for c in chunks for r in c.get("records", [])]
-    if recs:
-        out.update(summarize(recs))
-    n = [c["summary"].get("n_records") or 0 for c in chunks]
-    out["n_records"] = sum(n)
-    for k in dict.fromkeys(k for c in chunks for k in c["summary"]):
-        if k in out:
-            continue
-        vals = [(c["summary"].get(k), w) for c, w in zip(chunks, n)]
-        if k.endswith("_seconds"):
-            out[k] = sum(v for v, _ in vals if v is not None)
-        elif all(isinstance(v, (int, float)) for v, _ in vals) and sum(n):
-            out[k] = sum(v * w for v, w in vals) / sum(n)
-        else:
-            out[k] = None
-    return out
-
-
-def collect_rows(cfg: ExperimentConfig, units: list[Unit], done: dict) -> list[dict]:
-    rows = []
-    if "baseline" in done:
-        rows.append(_row(cfg, None, done["baseline"], method="none", layer=cfg.layers[0], batch_size=0, n_edits=0))
-    if cfg.experiment == "layer-sweep":
-        groups: dict[tuple[str, int], list[Unit]] = {}
-        for u in units:
-            if u.kind == "singular":
-                groups.setdefault((u.method, u.layer), []).append(u)
-        for (m, layer), us in groups.items():
-            if not all(u.key in done for u in us):
-                continue
-            res = {
-                "summary": _merge_chunks([done[u.key] for u in us]),
-                "edit_seconds": sum(done[u.key]["edit_seconds"] for u in us),
-                "eval_seconds": sum(done[u.key]["eval_seconds"] for u in us),
-            }
-            n = sum(done[u.key]["summary"].get("n_records") or 0 for u in us)
-            rows.append(_row(cfg, None, res, method=m, layer=layer, batch_size=1, n_edits=n))
-    else:
-        for u in units:
-            if u.kind == "baseline" or u.key not in done or "summary" not in done[u.key]:
-                continue
-            r = done[u.key]
-            n = r.get("n_edits", u.batch_size)
-            extra = {"method": u.method, "layer": u.layer, "batch_size": u.batch_size, "n_edits": n}
-            if u.kind == "lambda":
-                extra["lam"] = u.lam
-            if u.kind == "seq":  # the time of every batch up to this score, not just the last
-                extra["edit_seconds_total"] = sum(
-                    done[f"{u.method}/S{u.batch_size}/batch{k}"]["edit_seconds"] for k in range(u.index + 1)
-                )
-            rows.append(_row(cfg, u, r, **extra))
-    return rows
-
-
 # ------------------------------------------------------------------------------ entry
 
 
@@ -456,29 +386,5 @@ def run_experiment(
         runner._close_seq()  # never leave the caller's model edited
         bar.close()
     rows = collect_rows(cfg, units, store.units)
-    return _write_results(cfg, root, rows, plot, value_store=_store_summary(runner.value_store))
-
-
-def _store_summary(store) -> dict | None:
-    """Lookups, computations and reuse factor of this invocation's key/value store."""
-    if store is None:
-        return None
-    return {"path": str(store.root), "entries": len(store), "lookups": store.hits + store.misses,
-            "computed": store.misses, "reuse_factor": store.reuse_factor()}
-
-
-def _write_results(cfg: ExperimentConfig, root: Path, rows: list[dict], plot: bool, *,
-                   value_store: dict | None = None) -> dict:
-
-    atomic_write_json(root / "results.json", {"config": cfg.to_dict(), "machine": machine_info(), "rows": rows,
-                                              "value_store": value_store})
-    write_csv(root / "results.csv", rows)
-    out = {"rows": rows, "out_dir": str(root), "value_store": value_store}
-    if plot:
-        from pmedit.experiments.plots import plot_progress, plot_rows
-
-        out["plot"] = str(plot_rows(cfg, rows, root / f"{cfg.experiment}.png"))
-        prog = plot_progress(cfg, rows, root / f"{cfg.experiment}-progress.png")
-        if prog is not None:
-            out["plot_progress"] = str(prog)
-    return out
+    return write_results(cfg, root, rows, plot, value_store=store_summary(runner.value_store),
+                          conflicts_dropped=runner.n_conflicts_dropped)
