@@ -34,6 +34,7 @@ import torch
 
 from pmedit.hparams import EditHparams
 from pmedit.methods.base import EditContext, Method
+from pmedit.methods.memit import spread_edit
 from pmedit.projection import load_or_compute_eigh, null_space_basis, stats_root
 from pmkernels.solve import SPDFactor
 
@@ -137,14 +138,9 @@ def edit_batch(ctx: EditContext, reqs: list) -> None:
     # Every projector before any value optimisation: a threshold that keeps nothing fails here.
     Us = {layer: null_space(ctx, layer) for layer in ctx.layers}
     rep.extra["nullspace_rank"] = {str(layer): int(U.shape[1]) for layer, U in Us.items()}
-    last = ctx.layers[-1]
-    Z, H = ctx.values(reqs, last)
-    n = len(ctx.layers)
-    for i, layer in enumerate(ctx.layers):
-        K = ctx.keys(reqs, layer)
-        if i > 0:
-            H = ctx.outputs_at_subject(reqs, last)
-        R = ((Z - H) / (n - i)).mT
+    solved = {}
+
+    def solve(layer, R, K):
         U = Us[layer]
         t0 = time.perf_counter()
         prior = prior_for(ctx, layer, U)
@@ -156,12 +152,16 @@ def edit_batch(ctx: EditContext, reqs: list) -> None:
         rep.jitter[layer] = max(rep.jitter.get(layer, 0.0), float(prior.factor.jitter),
                                 float(S.factor.jitter) if S is not None else 0.0)
         rep.residuals[layer] = max(rep.residuals.get(layer, 0.0), res)
-        ctx.write(layer, delta)
-        if hp.keep_prior_edits:
-            old = ctx.state.get(state_key(layer))
-            Kp = K if old is None else torch.cat([old.to(torch.float64), K], dim=1)
-            ctx.state[state_key(layer)] = Kp
-            ctx.cache[("alphaedit.S", layer)] = (Kp, S)  # valid once the batch commits ctx.state
+        solved[layer] = S
+        return delta
+
+    def keep(layer, K):
+        old = ctx.state.get(state_key(layer))
+        Kp = K if old is None else torch.cat([old.to(torch.float64), K], dim=1)
+        ctx.state[state_key(layer)] = Kp
+        ctx.cache[("alphaedit.S", layer)] = (Kp, solved[layer])  # valid once the batch commits ctx.state
+
+    spread_edit(ctx, reqs, solve=solve, keep=keep)
     log.info("AlphaEdit %s: null-space rank %s", ctx.where, rep.extra["nullspace_rank"])
 
 

@@ -21,6 +21,7 @@ import torch
 
 from pmedit.hparams import EditHparams
 from pmedit.methods.base import EditContext, Method
+from pmedit.methods.memit import spread_edit
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,18 +52,7 @@ def preservation_matrix(hp: EncoreHparams, C0: torch.Tensor) -> torch.Tensor:
 
 def edit_batch(ctx: EditContext, reqs: list) -> None:
     """MEMIT's spread (pmedit.methods.memit.spread_edit), values with ENCORE's stopping rule."""
-    hp = ctx.hparams
-    last = ctx.layers[-1]
-    Z, H = ctx.values(reqs, last, mpes_steps=hp.mpes_steps)
-    n = len(ctx.layers)
-    for i, layer in enumerate(ctx.layers):
-        K = ctx.keys(reqs, layer)
-        if i > 0:
-            H = ctx.outputs_at_subject(reqs, last)
-        R = ((Z - H) / (n - i)).mT
-        ctx.write(layer, ctx.solve(R, K, layer, ridge=1.0))
-        if hp.keep_prior_edits:
-            ctx.keep_keys(layer, K)
+    spread_edit(ctx, reqs, ridge=1.0, value_options={"mpes_steps": ctx.hparams.mpes_steps})
 
 
 METHOD = Method(

@@ -25,19 +25,29 @@ class MemitHparams(EditHparams):
     method: str = "memit"
 
 
-def spread_edit(ctx: EditContext, reqs: list, *, ridge: float) -> None:
-    """Write the spread update of ``reqs`` over ``ctx.layers`` with ridge ``ridge`` on KᵀC⁻¹K."""
+def spread_edit(ctx: EditContext, reqs: list, *, ridge: float = 1.0, solve=None, keep=None,
+                value_options: dict | None = None) -> None:
+    """Write the spread update of ``reqs`` over ``ctx.layers``.
+
+    Per layer Δ = ``solve(layer, R, K)`` (default: the closed form with ridge ``ridge`` on
+    KᵀC⁻¹K), then ``keep(layer, K)`` when ``keep_prior_edits`` is on (default: ``ctx.keep_keys``).
+    ``value_options`` go to ``ctx.values`` (a method's own stopping rule).
+    """
+    if solve is None:
+        def solve(layer, R, K):
+            return ctx.solve(R, K, layer, ridge=ridge)
+    keep = ctx.keep_keys if keep is None else keep
     last = ctx.layers[-1]
-    Z, H = ctx.values(reqs, last)
+    Z, H = ctx.values(reqs, last, **(value_options or {}))
     n = len(ctx.layers)
     for i, layer in enumerate(ctx.layers):
         K = ctx.keys(reqs, layer)
         if i > 0:
             H = ctx.outputs_at_subject(reqs, last)
         R = ((Z - H) / (n - i)).mT
-        ctx.write(layer, ctx.solve(R, K, layer, ridge=ridge))
+        ctx.write(layer, solve(layer, R, K))
         if ctx.hparams.keep_prior_edits:
-            ctx.keep_keys(layer, K)
+            keep(layer, K)
 
 
 def solve_groups(ctx: EditContext, K: torch.Tensor, R: torch.Tensor, group_size: int, *,
