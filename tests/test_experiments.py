@@ -249,8 +249,9 @@ def test_independent_batches_equal_separate_edits(toy, tmp_path):
                value_store=str(tmp_path / "vs"))
     res = run_experiment(cfg, model=model, tokenizer=tok, out_dir=tmp_path / "run", progress=False,
                          second_moments=c0, plot=False)
-    assert res["value_store"]["lookups"] == 16 and res["value_store"]["computed"] == 8
-    assert res["value_store"]["reuse_factor"] == 2.0
+    # 4 keys + 4 values per method, and the keys again for kᵀP⁻¹k (key energy): 24 lookups, 8 computed
+    assert res["value_store"]["lookups"] == 24 and res["value_store"]["computed"] == 8
+    assert res["value_store"]["reuse_factor"] == 3.0
     recs = select(load_counterfact(data), 4, seed=cfg.seed)
     for row in res["rows"]:
         assert row["n_edits"] == 4 and row["n_groups"] == 2
@@ -270,3 +271,80 @@ def test_independent_batches_equal_separate_edits(toy, tmp_path):
     rows = run_experiment(first, model=model, tokenizer=tok, out_dir=tmp_path / "lit", progress=False,
                           second_moments=c0, plot=False)["rows"]
     assert rows[0]["n_edits"] == 2
+
+
+def _units(root):
+    return json.loads((root / "state.json").read_text())["units"]
+
+
+def test_sequential_checkpoints_every_max_records_and_probes(toy, tmp_path):
+    """eval.every adds checkpoints, eval.max_records scores a fixed-size sample of the edits so
+    far, probes run at the baseline and at every checkpoint, and each row carries bootstrap
+    intervals around its CounterFact figures."""
+    model, tok, data, c0 = toy
+    text = tmp_path / "heldout.txt"
+    text.write_text("The city lies on a river. It has a bridge and a market. " * 20)
+    cfg = _cfg(data, experiment="sequential-batch", batch_sizes=[1], eval={
+        "batch_size": 8, "every": 2, "max_records": 2, "probes": ["perplexity"],
+        "settings": {"perplexity": {"text": str(text), "tokens": 64, "window": 32}}})
+    res = run_experiment(cfg, model=model, tokenizer=tok, out_dir=tmp_path / "r", progress=False, second_moments=c0)
+    rows = res["rows"]
+    assert [r["n_edits"] for r in rows] == [0, 2, 4]
+    assert all(r["ppl"] is not None and r["ppl"] > 1 for r in rows)
+    units = _units(tmp_path / "r")
+    assert "summary" not in units["memit/S1/batch0"] and "summary" not in units["memit/S1/batch2"]
+    assert units["memit/S1/batch1"]["summary"]["n_records"] == 2
+    assert units["memit/S1/batch3"]["summary"]["n_records"] == 2  # 4 edits so far, a sample of 2
+    for r in rows:
+        assert r["es_lo"] <= r["es"] <= r["es_hi"] and r["score_lo"] <= r["score"] <= r["score_hi"]
+    assert (tmp_path / "r" / "sequential-batch-progress.png").stat().st_size > 0
+
+
+def test_budget_skips_and_lists_metric_sets(toy, tmp_path):
+    model, tok, data, c0 = toy
+    text = tmp_path / "heldout.txt"
+    text.write_text("A short held-out text about rivers and towns. " * 20)
+    cfg = _cfg(data, experiment="batch", batch_sizes=[4], baseline=False, eval={
+        "batch_size": 8, "budget_s": 1e-9, "probes": ["perplexity"],
+        "settings": {"perplexity": {"text": str(text), "tokens": 32, "window": 16}}})
+    res = run_experiment(cfg, model=model, tokenizer=tok, out_dir=tmp_path / "r", progress=False, second_moments=c0,
+                         plot=False)
+    (unit,) = _units(tmp_path / "r").values()
+    assert unit["skipped"] == ["counterfact"]  # independent batches score no probes
+    assert res["rows"][0].get("es") is None
+
+
+def test_zsre_dataset_runs_through_the_runner(toy, tmp_path):
+    model, tok, _, c0 = toy
+    recs = [{"subject": s, "src": f"Which country is {s} in?", "answers": [a], "alt": a, "pred": "",
+             "rephrase": f"In which country is {s}?", "loc": "nq question: who wrote the book", "loc_ans": "Smith"}
+            for s, a in zip(SUBJECTS[:4], ["France", "Italy", "Japan", "Peru"])]
+    data = tmp_path / "zsre.json"
+    data.write_text(json.dumps(recs))
+    cfg = _cfg(data, experiment="batch", batch_sizes=[2], dataset="zsre", value_store=str(tmp_path / "vs"))
+    rows = run_experiment(cfg, model=model, tokenizer=tok, out_dir=tmp_path / "r", progress=False,
+                          second_moments=c0)["rows"]
+    assert [r["method"] for r in rows] == ["none", "memit"]
+    for r in rows:
+        assert all(0.0 <= r[k] <= 100.0 for k in ("zsre_es", "zsre_ps", "zsre_ns"))
+        assert "es" not in r
+    assert rows[1]["kck_mean"] > 0 and rows[1]["kck_median"] > 0
+
+
+def test_layer_sweep_chunks_merge_to_one_chunk(toy, tmp_path):
+    """A layer's row from three chunks equals the row from one chunk of the same records: S and
+    the bootstrap intervals from the pooled per-record scores, every other figure the
+    record-weighted mean."""
+    model, tok, data, c0 = toy
+    rows = {}
+    for cs in (1, 3):
+        cfg = _cfg(data, experiment="layer-sweep", layers=[1], total_edits=3, chunk_size=cs, baseline=False)
+        (rows[cs],) = run_experiment(cfg, model=model, tokenizer=tok, out_dir=tmp_path / f"c{cs}", progress=False,
+                                     second_moments=c0, plot=False)["rows"]
+    a, b = _metrics([rows[1]])[0], _metrics([rows[3]])[0]
+    assert a.keys() == b.keys() and "score_lo" in a
+    for k, v in a.items():
+        if isinstance(v, float):
+            assert v == pytest.approx(b[k], abs=1e-9), k
+        else:
+            assert v == b[k], k

@@ -9,6 +9,7 @@ from scipy.stats import hmean
 
 from pmedit.evaluation.metrics import (
     PromptScores,
+    RecordScores,
     generation_entropy,
     harmonic_mean,
     ngram_entropy,
@@ -112,3 +113,43 @@ def test_summarize_ge_and_gen_acc():
     a.generation_correct, b.generation_correct = True, False
     s = summarize([a, b])
     assert s["ge"] == pytest.approx(550.0) and s["gen_acc"] == pytest.approx(50.0)
+
+
+def _rs(i, es, ps, ns):
+    k = ("rewrite", "paraphrase", "neighborhood")
+    v = dict(zip(k, (es, ps, ns)))
+    return RecordScores(case_id=i, success=dict(v), magnitude=dict(v), accuracy=dict(v))
+
+
+def test_bootstrap_intervals_equal_the_plain_definition():
+    """The vectorised bootstrap against a loop that resamples records with the same draws and
+    summarizes each resample with summarize() (its S included), then takes percentiles."""
+    from pmedit.evaluation.metrics import bootstrap_intervals
+
+    rng = np.random.default_rng(1)
+    recs = [_rs(i, float(rng.random() > 0.3), float(rng.random()), None if i % 7 == 0 else float(rng.random()))
+            for i in range(23)]
+    got = bootstrap_intervals(recs, n_boot=200, level=0.9, seed=5)
+    idx = np.random.default_rng(5).integers(0, len(recs), size=(200, len(recs)))
+    sums = [summarize([recs[j] for j in row]) for row in idx]
+    for key in ("es", "ps", "ns", "score"):
+        lo, hi = np.quantile([s[key] for s in sums], [0.05, 0.95])
+        assert got[f"{key}_lo"] == pytest.approx(lo, abs=1e-9) and got[f"{key}_hi"] == pytest.approx(hi, abs=1e-9)
+        assert got[f"{key}_lo"] <= summarize(recs)[key] <= got[f"{key}_hi"]
+    assert bootstrap_intervals(recs, n_boot=200, level=0.9, seed=5) == got  # deterministic
+
+
+def test_bootstrap_intervals_edge_cases():
+    from pmedit.evaluation.metrics import bootstrap_intervals
+
+    same = [_rs(i, 1.0, 0.5, 0.25) for i in range(5)]
+    got = bootstrap_intervals(same)
+    assert got["es_lo"] == got["es_hi"] == 100.0 and got["ps_lo"] == got["ps_hi"] == 50.0
+    assert got["score_lo"] == pytest.approx(hmean([100.0, 50.0, 25.0]))
+    no_ns = bootstrap_intervals([_rs(i, 1.0, 0.5, None) for i in range(4)])
+    assert no_ns["ns_lo"] is None and no_ns["score_lo"] is None and no_ns["es_lo"] == 100.0
+    assert all(v is None for v in bootstrap_intervals([]).values())
+    with pytest.raises(ValueError, match="n_boot"):
+        bootstrap_intervals(same, n_boot=0)
+    with pytest.raises(ValueError, match="level"):
+        bootstrap_intervals(same, level=1.0)

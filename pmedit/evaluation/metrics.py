@@ -35,6 +35,7 @@ __all__ = [
     "RecordScores",
     "record_scores",
     "summarize",
+    "bootstrap_intervals",
     "harmonic_mean",
     "word_tokenize",
     "ngram_entropy",
@@ -150,6 +151,37 @@ def summarize(records: Sequence[RecordScores]) -> dict[str, float | None]:
     out["gen_acc"] = None if g is None else 100.0 * g
     e = _mean(r.entropy for r in records)
     out["ge"] = None if e is None else 100.0 * e
+    return out
+
+
+def bootstrap_intervals(records: Sequence[RecordScores], *, n_boot: int = 1000, level: float = 0.95,
+                        seed: int = 0) -> dict[str, float | None]:
+    """Percentile-bootstrap intervals over records of es/ps/ns (success) and S: ``es_lo``,
+    ``es_hi``, … ×100. Records are the unit of resampling because a record's prompts share its
+    edit (they are not independent); S is recomputed from each resample's three means, so its
+    interval is S's own, not one derived from the parts'. Deterministic under ``seed``."""
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+        raise ValueError(f"bootstrap_intervals: n_boot must be a positive integer, got {n_boot!r}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"bootstrap_intervals: level must be in (0, 1), got {level!r}")
+    names = [f"{s}_{end}" for s in ("es", "ps", "ns", "score") for end in ("lo", "hi")]
+    out: dict[str, float | None] = dict.fromkeys(names)
+    if not records:
+        return out
+    X = np.array([[np.nan if r.success[k] is None else r.success[k] for k in KINDS] for r in records], dtype=np.float64)
+    idx = np.random.default_rng(seed).integers(0, len(records), size=(n_boot, len(records)))
+    S = X[idx]  # [n_boot, n, 3]
+    cnt = (~np.isnan(S)).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = np.where(cnt > 0, np.nansum(S, axis=1) / np.maximum(cnt, 1), np.nan)  # [n_boot, 3]
+        hm = np.where((means > 0).all(axis=1), 3.0 / (1.0 / means).sum(axis=1), 0.0)
+    hm = np.where(np.isnan(means).any(axis=1), np.nan, hm)
+    a = (1.0 - level) / 2.0
+    for j, short in enumerate(("es", "ps", "ns", "score")):
+        col = hm if short == "score" else means[:, j]
+        col = col[~np.isnan(col)]
+        if len(col) == n_boot:  # a kind no record has (or a resample without it) has no interval
+            out[f"{short}_lo"], out[f"{short}_hi"] = (100.0 * float(q) for q in np.quantile(col, [a, 1.0 - a]))
     return out
 
 

@@ -5,7 +5,8 @@ NS, S for CounterFact, zsRE's three accuracies, each probe's primary figure, ...
 when measured), one line per method; the unedited model, when scored, is a dashed line. The x
 axis is what the experiment varies: layer, batch size (log scale) or λ. A sequential-batch run
 scored at several edit counts also gets ``*-progress.png``: the metrics against the number of
-edits so far, one line per method and batch size.
+edits so far, one line per method and batch size. Rows with bootstrap intervals (``es_lo`` …)
+get a shaded band.
 """
 from __future__ import annotations
 
@@ -51,6 +52,21 @@ def _save(plt, fig, path: Path) -> Path:
     return path
 
 
+def _line(ax, pts, label):
+    """pts: (x, row) sorted by x; the row's bootstrap interval ``{key}_lo``/``_hi``, when it has
+    one, is a band around the line."""
+    line, = ax.plot([x for x, y, _ in pts], [y for x, y, _ in pts], marker="o", ms=3, label=label)
+    band = [(x, lo, hi) for x, _, (lo, hi) in pts if lo is not None and hi is not None]
+    if band:
+        ax.fill_between([b[0] for b in band], [b[1] for b in band], [b[2] for b in band], color=line.get_color(),
+                        alpha=0.15, lw=0)
+
+
+def _points(rows, xkey, key):
+    return sorted(((r[xkey], r[key], (r.get(f"{key}_lo"), r.get(f"{key}_hi"))) for r in rows if r.get(key) is not None),
+                  key=lambda p: p[0])
+
+
 def _style(ax, title, xlabel):
     ax.set_title(title, fontsize=9)
     ax.set_xlabel(xlabel, fontsize=8)
@@ -69,9 +85,9 @@ def plot_rows(cfg, rows: list[dict], path: str | Path) -> Path:
     plt, fig, axes = _figure(metrics, f"{cfg.experiment}: {cfg.total_edits} {cfg.dataset} edits, seed {cfg.seed}")
     for ax, (key, title) in zip(axes, metrics):
         for m in dict.fromkeys(r["method"] for r in data):
-            pts = sorted((r[xkey], r[key]) for r in data if r["method"] == m and r.get(key) is not None)
+            pts = _points([r for r in data if r["method"] == m], xkey, key)
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=m.upper())
+                _line(ax, pts, m.upper())
         if base is not None and base.get(key) is not None:
             ax.axhline(base[key], ls="--", c="grey", lw=1, label="unedited")
         if cfg.experiment in ("batch", "sequential-batch"):
@@ -96,12 +112,11 @@ def plot_progress(cfg, rows: list[dict], path: str | Path) -> Path | None:
     lines = dict.fromkeys((r["method"], r["batch_size"]) for r in data)
     for ax, (key, title) in zip(axes, metrics):
         for m, b in lines:
-            pts = sorted((r["n_edits"], r[key]) for r in data
-                         if (r["method"], r["batch_size"]) == (m, b) and r.get(key) is not None)
+            pts = _points([r for r in data if (r["method"], r["batch_size"]) == (m, b)], "n_edits", key)
+            if pts and base is not None and base.get(key) is not None:
+                pts = [(0, base[key], (base.get(f"{key}_lo"), base.get(f"{key}_hi")))] + pts
             if pts:
-                ax.plot([0] * bool(base and base.get(key) is not None) + [p[0] for p in pts],
-                        ([base[key]] if base and base.get(key) is not None else []) + [p[1] for p in pts],
-                        marker="o", ms=3, label=f"{m.upper()} B={b}")
+                _line(ax, pts, f"{m.upper()} B={b}")
         if base is not None and base.get(key) is not None:
             ax.axhline(base[key], ls="--", c="grey", lw=1, label="unedited")
         _style(ax, title, "edits so far")

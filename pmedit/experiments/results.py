@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pmedit.evaluation.metrics import RecordScores, summarize
+from pmedit.evaluation.metrics import RecordScores, bootstrap_intervals, summarize
 from pmedit.experiments.config import ExperimentConfig
 from pmedit.experiments.store import write_csv
 from pmedit.fileio import atomic_write_json, machine_info
@@ -22,13 +22,13 @@ def _row(cfg, u: Unit | None, res: dict, **extra) -> dict:
     if res.get("ppl") is not None or "ppl" not in row:
         row["ppl"] = res.get("ppl")
     for k in ("edit_seconds", "seconds_values", "seconds_keys", "seconds_solve", "eval_seconds", "n_groups",
-              "unconverged"):
+              "unconverged", "kck_mean", "kck_median"):
         if k in res or k in ("edit_seconds", "eval_seconds"):
             row[k] = res.get(k)
     return row
 
 
-def _merge_chunks(chunks: list[dict]) -> dict:
+def _merge_chunks(chunks: list[dict], seed: int = 0) -> dict:
     """One summary from layer-sweep chunks: CounterFact's from all per-record scores (S is a
     harmonic mean, not a mean of chunk means); every other key a mean of per-record means,
     i.e. the chunk values weighted by their record counts; seconds summed."""
@@ -36,6 +36,7 @@ def _merge_chunks(chunks: list[dict]) -> dict:
     recs = [RecordScores(**r) for c in chunks for r in c.get("records", [])]
     if recs:
         out.update(summarize(recs))
+        out.update(bootstrap_intervals(recs, seed=seed))
     n = [c["summary"].get("n_records") or 0 for c in chunks]
     out["n_records"] = sum(n)
     for k in dict.fromkeys(k for c in chunks for k in c["summary"]):
@@ -64,7 +65,7 @@ def collect_rows(cfg: ExperimentConfig, units: list[Unit], done: dict) -> list[d
             if not all(u.key in done for u in us):
                 continue
             res = {
-                "summary": _merge_chunks([done[u.key] for u in us]),
+                "summary": _merge_chunks([done[u.key] for u in us], seed=cfg.seed),
                 "edit_seconds": sum(done[u.key]["edit_seconds"] for u in us),
                 "eval_seconds": sum(done[u.key]["eval_seconds"] for u in us),
             }
