@@ -298,6 +298,16 @@ def test_sequential_checkpoints_every_max_records_and_probes(toy, tmp_path):
     for r in rows:
         assert r["es_lo"] <= r["es"] <= r["es_hi"] and r["score_lo"] <= r["score"] <= r["score_hi"]
     assert (tmp_path / "r" / "sequential-batch-progress.png").stat().st_size > 0
+    # the Markdown table of the rows, with the intervals (scripts/results_table.py)
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("results_table", Path(__file__).parents[1] / "scripts" / "results_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    md = mod.table(rows, mod.DEFAULT).splitlines()
+    assert len(md) == 2 + len(rows) and md[0].startswith("| method | B | edits | ES | PS | NS | S | ppl")
+    assert f"{rows[-1]['es']:.1f} [{rows[-1]['es_lo']:.1f}, {rows[-1]['es_hi']:.1f}]" in md[-1]
 
 
 def test_budget_skips_and_lists_metric_sets(toy, tmp_path):
