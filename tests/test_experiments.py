@@ -358,3 +358,17 @@ def test_layer_sweep_chunks_merge_to_one_chunk(toy, tmp_path):
             assert v == pytest.approx(b[k], abs=1e-9), k
         else:
             assert v == b[k], k
+
+
+def test_shipped_configs_parse_and_plan():
+    """Every config under configs/experiments is valid and plans units (a config that rots
+    would only fail hours into someone's run, or on a GPU lent for minutes)."""
+    from pathlib import Path
+
+    paths = sorted((Path(__file__).parents[1] / "configs" / "experiments").glob("*.json"))
+    assert len(paths) >= 12
+    for p in paths:
+        cfg = ExperimentConfig.from_file(p)
+        assert plan(cfg), p.name
+        for m in cfg.methods:
+            cfg.edit_hparams(m)  # the preset and overrides combine for each method
