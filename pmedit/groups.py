@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,6 +31,7 @@ class GroupUpdates:
     group_size: int
     factors: list[tuple[torch.Tensor, torch.Tensor]]
     report: BatchReport
+    key_energy: dict = field(default_factory=dict)  # kck_mean / kck_median (see key_energy)
 
     def group_of(self, n_requests: int) -> list[int]:
         return [i // self.group_size for i in range(n_requests)]
@@ -65,6 +66,7 @@ def independent_updates(editor, requests: Iterable[Any], group_size: int) -> Gro
         Z, H = ctx.values(reqs, layer)
         K = ctx.keys(reqs, layer)
         factors = method.solve_groups(ctx, K, (Z - H).mT.contiguous(), group_size)
+        energy = key_energy(ctx, K, layer) if method.uses_preservation else {}
     else:
         factors = []
         for g, batch in enumerate(groups):
@@ -82,8 +84,21 @@ def independent_updates(editor, requests: Iterable[Any], group_size: int) -> Gro
             dense = not method.uses_preservation
             factors.append(low_rank_factors(delta, max_rank=None if dense else len(batch), rtol=0.0 if dense else 1e-4,
                                             what=f"group {g}'s update"))
+        energy = {}
+        if method.uses_preservation:  # on the restored (unedited) model, as each group saw it
+            ctx = editor.context_class(editor, rep, where="independent groups")
+            energy = key_energy(ctx, ctx.keys(reqs, layer), layer)
     if len(factors) != len(groups):
         raise RuntimeError(f"{method.name}.solve_groups returned {len(factors)} updates for {len(groups)} groups")
     rep.mark_unconverged(hp.loss_stop)
     rep.seconds = time.perf_counter() - t0
-    return GroupUpdates(layer, group_size, factors, rep)
+    return GroupUpdates(layer, group_size, factors, rep, energy)
+
+
+def key_energy(ctx, K: torch.Tensor, layer: int) -> dict:
+    """Mean and median over edits of kᵀP⁻¹k, P the preservation matrix ``ctx`` holds for
+    ``layer`` (λ·C0 for MEMIT and EMMET): how large an edit's key is next to what is preserved,
+    the quantity that makes λ grids of different models comparable (EMMET's λₑ is added to it)."""
+    fac = ctx.preservation(layer)
+    e = fac.whiten(K.to(device=fac.device, dtype=fac.dtype)).double().pow(2).sum(0)
+    return {"kck_mean": float(e.mean()), "kck_median": float(e.median())}

@@ -53,8 +53,8 @@ def _save(plt, fig, path: Path) -> Path:
 
 
 def _line(ax, pts, label):
-    """pts: (x, row) sorted by x; the row's bootstrap interval ``{key}_lo``/``_hi``, when it has
-    one, is a band around the line."""
+    """pts: (x, y, (lo, hi)) sorted by x; where lo/hi (a row's bootstrap interval) exist they
+    are a band around the line."""
     line, = ax.plot([x for x, y, _ in pts], [y for x, y, _ in pts], marker="o", ms=3, label=label)
     band = [(x, lo, hi) for x, _, (lo, hi) in pts if lo is not None and hi is not None]
     if band:

@@ -234,7 +234,7 @@ class _Runner:
         edits = GroupDeltas(ed.spec.down_proj(self.model, u.layer), up.factors)
         out = self.evaluate(self.records, edits=edits, groups=up.group_of(len(self.records)))
         rep = up.report
-        out.update(_key_energy(ed, rep, self.requests, u.layer))
+        out.update(up.key_energy)
         out.update(n_edits=len(self.records), edit_seconds=edit_s, seconds_values=rep.seconds_values, seconds_keys=rep.seconds_keys,
                    seconds_solve=rep.seconds_solve, store_hits=rep.extra.get("store_hits", 0),
                    n_groups=len(up.factors), unconverged=len(rep.unconverged))
@@ -304,22 +304,6 @@ class _Runner:
         if self._open_seq is not None:
             self._open_seq[1].restore()
             self._open_seq = None
-
-
-def _key_energy(ed, rep, requests, layer: int) -> dict:
-    """Mean and median over edits of kᵀP⁻¹k, P the method's preservation matrix (λ·C0 for MEMIT
-    and EMMET): how large an edit's key is next to what is preserved, the quantity that makes λ
-    grids of different models comparable (EMMET's λₑ is added to it). Empty for a method without
-    one (AlphaEdit, LocFT-BF). Keys come from the run's value store, so this costs a solve."""
-    if not ed.method_impl.uses_preservation:
-        return {}
-    from pmedit.requests import normalize_requests
-
-    ctx = ed.context_class(ed, rep, where="key energy")
-    fac = ctx.preservation(layer)
-    K = ctx.keys(normalize_requests(requests), layer).to(device=fac.device, dtype=fac.dtype)
-    e = fac.whiten(K).double().pow(2).sum(0)
-    return {"kck_mean": float(e.mean()), "kck_median": float(e.median())}
 
 
 def _value_store(cfg: ExperimentConfig):
