@@ -165,6 +165,8 @@ def test_plan_and_resume_guard(toy, tmp_path):
         (dict(experiment="lambda-sweep", batch_sizes=[2], lambdas=[]), "field 'lambdas'"),
         (dict(experiment="batch", batch_sizes=[2], eval={"entropyy": True}), r"field 'eval': unknown key"),
         (dict(experiment="batch", batch_sizes=[2], hparams={"layers": [3]}), "experiment's own field"),
+        (dict(experiment="batch", batch_sizes=[2], eval={"ge_data": "x.json", "entropy": True}), "use one"),
+        (dict(experiment="batch", batch_sizes=[2], eval={"ge_records": 0}), "eval.ge_records"),
     ],
 )
 def test_config_errors(tmp_path, kw, match):
@@ -371,3 +373,37 @@ def test_shipped_configs_parse_and_plan():
         assert plan(cfg), p.name
         for m in cfg.methods:
             cfg.edit_hparams(m)  # the preset and overrides combine for each method
+
+
+def test_ge_on_a_fixed_subsample(toy, tmp_path):
+    """eval.ge_data: GE of the same seeded sample of generation prompts at every unit (on the
+    model the first update edits), equal to the entropy of the texts generate() samples; a file
+    without generation prompts is refused before anything is edited."""
+    from pmedit.data import select
+    from pmedit.evaluation import generate
+    from pmedit.evaluation.metrics import text_entropy
+    from pmedit.evaluation.registry import load_dataset
+
+    model, tok, data, c0 = toy
+    ev = {"batch_size": 8, "ge_data": str(data), "ge_records": 3, "gen_length": 6}
+    cfg = _cfg(data, experiment="batch", batch_sizes=[2], eval=ev)
+    res = run_experiment(cfg, model=model, tokenizer=tok, out_dir=tmp_path / "r", progress=False, second_moments=c0,
+                         plot=False)
+    rows = res["rows"]
+    assert [r["method"] for r in rows] == ["none", "memit"]
+    for r in rows:
+        assert r["ge_records"] == 3 and r["ge_lo"] <= r["ge"] <= r["ge_hi"]
+    recs = select(load_dataset("counterfact", str(data)), 3, seed=cfg.seed)
+    prompts = [p for r in recs for p in r.generation_prompts[:2]]
+    conts = generate(model, tok, prompts, max_new_tokens=6, do_sample=True, top_k=5, seed=cfg.seed, force_length=True,
+                     progress=False)
+    want = 100.0 * sum(text_entropy(p + c) for p, c in zip(prompts, conts)) / len(prompts)  # one prompt per record
+    assert rows[0]["ge"] == pytest.approx(want, rel=1e-12)
+
+    reduced = tmp_path / "reduced.json"
+    reduced.write_text(json.dumps([{"case_id": 1, "prompt": "Alpha Romeo is located in", "subject": "Alpha Romeo",
+                                    "target_new": "Paris", "ground_truth": "Berlin"}]))
+    bad = _cfg(data, experiment="batch", batch_sizes=[2], eval={**ev, "ge_data": str(reduced)})
+    with pytest.raises(ValueError, match="holds no generation prompts"):
+        run_experiment(bad, model=model, tokenizer=tok, out_dir=tmp_path / "r2", progress=False, second_moments=c0)
+    assert not (tmp_path / "r2" / "results.json").exists()

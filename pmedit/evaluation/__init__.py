@@ -10,7 +10,7 @@
 
 Editing itself is elsewhere (pmedit.editor, pmedit.methods).
 """
-from pmedit.evaluation.counterfact import EvalResult, evaluate_counterfact
+from pmedit.evaluation.counterfact import EvalResult, evaluate_counterfact, prompt_entropy
 from pmedit.evaluation.downstream import TASKS, Task, load_task, register_task, score_task
 from pmedit.evaluation.exact_match import evaluate_exact_match
 from pmedit.evaluation.hooks import GroupDeltas, RankOneEdits, low_rank_factors, rank_one_factors
@@ -23,7 +23,7 @@ from pmedit.evaluation.scoring import PairScores, default_score_batch, encode_pa
 from pmedit.evaluation.zsre import evaluate_zsre
 
 __all__ = [
-    "EvalResult", "evaluate_counterfact", "GroupDeltas", "RankOneEdits", "low_rank_factors", "rank_one_factors",
+    "EvalResult", "evaluate_counterfact", "prompt_entropy", "GroupDeltas", "RankOneEdits", "low_rank_factors", "rank_one_factors",
     "RecordScores", "generation_entropy", "summarize", "load_heldout_text", "perplexity", "PairScores",
     "default_score_batch", "encode_pair", "generate", "score_pairs", "score_targets", "TASKS", "Task", "load_task",
     "register_task", "score_task", "evaluate_exact_match", "classification_scores", "normalize_answer", "DATASETS",

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from pmedit.evaluation.hooks import edits_scope
-from pmedit.evaluation.metrics import PromptScores, RecordScores, generation_entropy, record_scores, summarize
+from pmedit.evaluation.metrics import (PromptScores, RecordScores, generation_entropy, mean_interval, record_scores,
+                                      summarize)
 from pmedit.evaluation.scoring import PairEncoder, generate, score_targets
 
 __all__ = ["EvalResult", "evaluate_counterfact", "record_groups"]
@@ -93,6 +94,28 @@ def evaluate_counterfact(
         return _evaluate(model, tok, records, edits=edits, rg=rg, batch_size=batch_size,
                          generation_accuracy=generation_accuracy, entropy=entropy, max_gen_prompts=max_gen_prompts,
                          gen_length=gen_length, gen_batch_size=gen_batch_size, seed=seed, progress=progress)
+
+
+@torch.no_grad()
+def prompt_entropy(model: nn.Module, tok, records: Sequence, *, max_gen_prompts: int = 2, gen_length: int = 100,
+                   gen_batch_size: int = 32, seed: int = 0, progress: bool = False) -> dict[str, float]:
+    """GE (×100, with its bootstrap interval over records) of the model as it is, on the
+    generation prompts of ``records``: a fluency probe. Given a fixed sample of records (which
+    an edit run need not touch), the prompts stay the same at every batch size, λ and
+    checkpoint, so the values compare across them; the sampling is seeded for the same reason."""
+    prompts, who = [], []
+    for ri, rec in enumerate(records):
+        gp = list(getattr(rec, "generation_prompts", ()))[:max_gen_prompts]
+        prompts += gp
+        who += [ri] * len(gp)
+    if not prompts:
+        raise ValueError("prompt_entropy: the records hold no generation prompts (the reduced CounterFact layout "
+                         "has none; use the original layout)")
+    conts = generate(model, tok, prompts, max_new_tokens=gen_length, do_sample=True, top_k=5, seed=seed,
+                     batch_size=gen_batch_size, force_length=True, progress=progress)
+    per = [generation_entropy([p + c for p, c, w in zip(prompts, conts, who) if w == ri]) for ri in sorted(set(who))]
+    lo, hi = mean_interval(per, seed=seed)
+    return {"ge": 100.0 * sum(per) / len(per), "ge_lo": 100.0 * lo, "ge_hi": 100.0 * hi, "ge_records": len(per)}
 
 
 def _evaluate(model, tok, records, *, edits, rg, batch_size, generation_accuracy, entropy, max_gen_prompts,

@@ -185,6 +185,19 @@ def bootstrap_intervals(records: Sequence[RecordScores], *, n_boot: int = 1000, 
     return out
 
 
+def mean_interval(values: Sequence[float], *, n_boot: int = 1000, level: float = 0.95,
+                  seed: int = 0) -> tuple[float, float] | tuple[None, None]:
+    """Percentile-bootstrap interval of a plain mean over per-record values (as
+    :func:`bootstrap_intervals`, for a metric that is one number per record, e.g. GE)."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        return None, None
+    idx = np.random.default_rng(seed).integers(0, x.size, size=(n_boot, x.size))
+    a = (1.0 - level) / 2.0
+    lo, hi = np.quantile(x[idx].mean(axis=1), [a, 1.0 - a])
+    return float(lo), float(hi)
+
+
 # ---------------------------------------------------------------------------------------
 # generation entropy
 

@@ -39,6 +39,11 @@ class EvalSettings:
     entropy: bool = False  # GE: sampled texts from the generation prompts
     max_gen_prompts: int = 2  # generation prompts per record used for GE (original has 10)
     gen_length: int = 100
+    # GE on a fixed subsample: the generation prompts of ``ge_records`` records (seeded) of
+    # ``ge_data`` (original-layout CounterFact; the reduced layout has none), the same at every
+    # unit, scored on the model as its first update edits it (as perplexity)
+    ge_data: str | None = None
+    ge_records: int = 32
     perplexity: bool = False
     ppl_text: str = "../shared/data/text/wikitext2_raw_wiki.test.raw"  # NOT the C0 corpus
     ppl_tokens: int = 4096
@@ -62,6 +67,13 @@ class EvalSettings:
         if self.budget_s is not None and (isinstance(self.budget_s, bool) or not isinstance(self.budget_s, (int, float))
                                           or self.budget_s <= 0):
             raise ValueError(f"experiment config field 'eval.budget_s': a positive number or null, got {self.budget_s!r}")
+        if self.ge_data is not None and (not isinstance(self.ge_data, str) or not self.ge_data.strip()):
+            raise ValueError(f"experiment config field 'eval.ge_data': a path or null, got {self.ge_data!r}")
+        if not _is_int(self.ge_records) or self.ge_records < 1:
+            raise ValueError(f"experiment config field 'eval.ge_records': a positive integer, got {self.ge_records!r}")
+        if self.ge_data is not None and self.entropy:
+            raise ValueError("experiment config field 'eval': GE both on the edited records (eval.entropy) and on a "
+                             "fixed subsample (eval.ge_data); use one")
         if self.perplexity and "perplexity" in self.probes:
             raise ValueError("experiment config field 'eval': perplexity is both on (eval.perplexity) and a probe; "
                              "use one")

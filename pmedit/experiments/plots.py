@@ -23,7 +23,7 @@ def metric_keys(cfg, rows: list[dict]) -> list[tuple[str, str]]:
     """(key, title) of the headline metrics the rows hold: the run's metric sets and probes."""
     from pmedit.evaluation.registry import headline_keys
 
-    keys = headline_keys(list(cfg.edit_metric_sets) + list(cfg.eval.probes), cfg.eval.settings) + ["ppl"]
+    keys = headline_keys(list(cfg.edit_metric_sets) + list(cfg.eval.probes), cfg.eval.settings) + ["ppl", "ge"]
     return [(k, TITLES.get(k, k)) for k in dict.fromkeys(keys) if any(r.get(k) is not None for r in rows)]
 
 

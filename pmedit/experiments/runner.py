@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from pmedit.data import select
 from pmedit.evaluation import (GroupDeltas, RankOneEdits, evaluate_counterfact, load_heldout_text, low_rank_factors,
-                               perplexity, rank_one_factors)
+                               perplexity, prompt_entropy, rank_one_factors)
 from pmedit.experiments.config import ExperimentConfig
 from pmedit.experiments.results import collect_rows, store_summary, write_results
 from pmedit.experiments.store import RunStore
@@ -103,6 +103,7 @@ class _Runner:
             raise ValueError(f"{cfg.data} holds {len(self.records)} records, total_edits={cfg.total_edits}")
         self.requests = [r.as_memit_dict() if hasattr(r, "as_memit_dict") else r for r in self.records]
         self._ppl_texts = None
+        self.ge_records = self._ge_records()  # read now: a bad file fails before any editing
         self.value_store = _value_store(cfg)
         self._open_seq: tuple[str, Any] | None = None  # (sequence name, Editor) in progress
 
@@ -115,6 +116,16 @@ class _Runner:
 
     def hparams(self, method: str, layer: int, **hp_changes):
         return self.cfg.edit_hparams(method, **hp_changes).replace(layers=[layer])
+
+    def _ge_records(self):
+        e = self.cfg.eval
+        if e.ge_data is None:
+            return None
+        recs = load_dataset("counterfact", e.ge_data)
+        if not any(r.generation_prompts for r in recs):
+            raise ValueError(f"experiment config field 'eval.ge_data': {e.ge_data} holds no generation prompts "
+                             "(the reduced CounterFact layout has none; use the original layout)")
+        return select([r for r in recs if r.generation_prompts], e.ge_records, seed=self.cfg.seed)
 
     def _c0(self, layer: int):
         return None if self.second_moments is None else {layer: self.second_moments[layer]}
@@ -160,6 +171,11 @@ class _Runner:
             with _first_group(edits):
                 out["ppl"] = perplexity(self.model, self.tok, self._ppl_texts, max_tokens=e.ppl_tokens,
                                         window=e.ppl_window)["ppl"]
+        if with_ppl and self.ge_records is not None:
+            with _first_group(edits):
+                out["summary"].update(prompt_entropy(self.model, self.tok, self.ge_records,
+                                                     max_gen_prompts=e.max_gen_prompts, gen_length=e.gen_length,
+                                                     seed=self.cfg.seed))
         if probes:
             for name in e.probes:
                 if over_budget():
