@@ -22,7 +22,7 @@ def _row(cfg, u: Unit | None, res: dict, **extra) -> dict:
     if res.get("ppl") is not None or "ppl" not in row:
         row["ppl"] = res.get("ppl")
     for k in ("edit_seconds", "seconds_values", "seconds_keys", "seconds_solve", "eval_seconds", "n_groups",
-              "unconverged", "kck_mean", "kck_median"):
+              "unconverged", "kck_mean", "kck_median", "value_steps_mean"):
         if k in res or k in ("edit_seconds", "eval_seconds"):
             row[k] = res.get(k)
     return row

@@ -253,7 +253,8 @@ class _Runner:
         out.update(up.key_energy)
         out.update(n_edits=len(self.records), edit_seconds=edit_s, seconds_values=rep.seconds_values, seconds_keys=rep.seconds_keys,
                    seconds_solve=rep.seconds_solve, store_hits=rep.extra.get("store_hits", 0),
-                   n_groups=len(up.factors), unconverged=len(rep.unconverged))
+                   n_groups=len(up.factors), unconverged=len(rep.unconverged),
+                   value_steps_mean=sum(rep.value_steps) / max(len(rep.value_steps), 1))
         out.pop("records", None)  # the summary is what the batch experiment reports
         return out
 
