@@ -12,10 +12,11 @@ import json
 import sys
 from pathlib import Path
 
-CI = ("es", "ps", "ns", "score")
-DEFAULT = ("es", "ps", "ns", "score", "ppl", "sst2_acc", "rte_acc", "mmlu_acc", "edit_seconds_total")
+CI = ("es", "ps", "ns", "score", "ge")
+DEFAULT = ("es", "ps", "ns", "score", "ppl", "ge", "sst2_acc", "rte_acc", "mmlu_acc", "kck_mean", "edit_seconds_total")
 TITLES = {"es": "ES", "ps": "PS", "ns": "NS", "score": "S", "ppl": "ppl", "sst2_acc": "SST-2", "rte_acc": "RTE",
-          "mmlu_acc": "MMLU", "edit_seconds_total": "edit s (so far)", "edit_seconds": "edit s"}
+          "mmlu_acc": "MMLU", "edit_seconds_total": "edit s (so far)", "edit_seconds": "edit s", "ge": "GE",
+          "kck_mean": "mean kᵀP⁻¹k", "seconds_values": "values s", "seconds_solve": "solve s", "eval_seconds": "eval s"}
 
 
 def cell(row: dict, key: str) -> str:
@@ -24,15 +25,18 @@ def cell(row: dict, key: str) -> str:
         return "–"
     if key in CI and row.get(f"{key}_lo") is not None:
         return f"{v:.1f} [{row[f'{key}_lo']:.1f}, {row[f'{key}_hi']:.1f}]"
-    return f"{v:.0f}" if "seconds" in key else f"{v:.2f}" if key == "ppl" else f"{v:.1f}"
+    return f"{v:.0f}" if "seconds" in key else f"{v:.2f}" if key in ("ppl", "kck_mean") else f"{v:.1f}"
 
 
 def table(rows: list[dict], columns) -> str:
     cols = [c for c in columns if any(r.get(c) is not None for r in rows)]
-    head = ["method", "B", "edits"] + [TITLES.get(c, c) for c in cols]
+    lam = any(r.get("lam") is not None for r in rows)  # a λ sweep: its x axis is a column
+    head = ["method"] + (["λ"] if lam else []) + ["B", "edits"] + [TITLES.get(c, c) for c in cols]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        out.append("| " + " | ".join([str(r.get("method")), str(r.get("batch_size")), str(r.get("n_edits"))]
+        out.append("| " + " | ".join([str(r.get("method"))] + ([f"{r['lam']:g}" if r.get("lam") is not None else "–"]
+                                                               if lam else [])
+                                     + [str(r.get("batch_size")), str(r.get("n_edits"))]
                                      + [cell(r, c) for c in cols]) + " |")
     return "\n".join(out)
 
