@@ -82,10 +82,16 @@ def main() -> int:
         res = {"error": str(e), "type": type(e).__name__, "traceback": traceback.format_exc()}
         code = 3
     out.write_text(json.dumps(res))
-    if dist.is_initialized():
+    if code == 0 and dist.is_initialized():
         dist.destroy_process_group()
     return code
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    # After a failure the ranks leave without gloo's teardown: destroying a group whose peer may
+    # already have closed its sockets can abort (SIGABRT, seen once in CI after both ranks had
+    # written their ValueError), which would hide the exit code the tests check.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)

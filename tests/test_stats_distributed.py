@@ -59,7 +59,8 @@ def _run(tmp_path: Path, world: int = 2, **cfg) -> tuple[list[int], list[dict]]:
     results = []
     for r in range(world):
         f = out / f"rank{r}.json"
-        results.append(json.loads(f.read_text()) if f.exists() else {"log": logs[r][-3000:]})
+        res = json.loads(f.read_text()) if f.exists() else {}
+        results.append({**res, "log": logs[r][-3000:]})  # the log names an abort after the result
     return codes, results
 
 
