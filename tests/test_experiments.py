@@ -407,3 +407,32 @@ def test_ge_on_a_fixed_subsample(toy, tmp_path):
     with pytest.raises(ValueError, match="holds no generation prompts"):
         run_experiment(bad, model=model, tokenizer=tok, out_dir=tmp_path / "r2", progress=False, second_moments=c0)
     assert not (tmp_path / "r2" / "results.json").exists()
+
+
+def test_layer_sweep_perplexity_is_that_of_the_first_singular_edit(toy, tmp_path):
+    """A layer-sweep row's perplexity is the model's with the first record edited alone (the first
+    chunk measures it, later chunks do not): equal to editing that fact with the Editor, scoring
+    the text and restoring."""
+    from pmedit.data import select
+    from pmedit.editor import Editor
+    from pmedit.evaluation import load_heldout_text, perplexity
+
+    model, tok, data, c0 = toy
+    text = tmp_path / "heldout.txt"
+    text.write_text("The city lies on a river. It has a bridge and a market. " * 20)
+    ev = {"batch_size": 8, "perplexity": True, "ppl_text": str(text), "ppl_tokens": 64, "ppl_window": 32}
+    cfg = _cfg(data, experiment="layer-sweep", layers=[1], total_edits=3, chunk_size=2, baseline=False, eval=ev)
+    (row,) = run_experiment(cfg, model=model, tokenizer=tok, out_dir=tmp_path / "r", progress=False,
+                            second_moments=c0, plot=False)["rows"]
+    units = _units(tmp_path / "r")
+    assert units["memit/L1/chunk0"]["ppl"] is not None and units["memit/L1/chunk1"].get("ppl") is None
+    texts = load_heldout_text(text, max_chars=64 * 8)
+    before = perplexity(model, tok, texts, max_tokens=64, window=32)["ppl"]
+    ed = Editor(model, tok, hparams=cfg.edit_hparams("memit").replace(layers=[1]), second_moments={1: c0[1]},
+                progress=False)
+    first = select(json.loads(data.read_text()), 3, seed=cfg.seed)[0]  # the runner's sample, in order
+    ed.edit([first])
+    want = perplexity(model, tok, texts, max_tokens=64, window=32)["ppl"]
+    ed.restore()
+    assert want != before  # the edit moves it, so equality below is not the unedited model's
+    assert row["ppl"] == pytest.approx(want, rel=1e-5)  # weights W+uvᵀ written vs the Editor's write

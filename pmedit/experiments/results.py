@@ -30,8 +30,9 @@ def _row(cfg, u: Unit | None, res: dict, **extra) -> dict:
 
 def _merge_chunks(chunks: list[dict], seed: int = 0) -> dict:
     """One summary from layer-sweep chunks: CounterFact's from all per-record scores (S is a
-    harmonic mean, not a mean of chunk means); every other key a mean of per-record means,
-    i.e. the chunk values weighted by their record counts; seconds summed."""
+    harmonic mean, not a mean of chunk means); every other key a mean of per-record means over
+    the chunks that report it, i.e. their values weighted by their record counts (GE is measured
+    in the first chunk only); seconds summed."""
     out: dict[str, Any] = {}
     recs = [RecordScores(**r) for c in chunks for r in c.get("records", [])]
     if recs:
@@ -42,11 +43,11 @@ def _merge_chunks(chunks: list[dict], seed: int = 0) -> dict:
     for k in dict.fromkeys(k for c in chunks for k in c["summary"]):
         if k in out:
             continue
-        vals = [(c["summary"].get(k), w) for c, w in zip(chunks, n)]
+        vals = [(c["summary"].get(k), w) for c, w in zip(chunks, n) if k in c["summary"]]
         if k.endswith("_seconds"):
             out[k] = sum(v for v, _ in vals if v is not None)
-        elif all(isinstance(v, (int, float)) for v, _ in vals) and sum(n):
-            out[k] = sum(v * w for v, w in vals) / sum(n)
+        elif all(isinstance(v, (int, float)) for v, _ in vals) and sum(w for _, w in vals):
+            out[k] = sum(v * w for v, w in vals) / sum(w for _, w in vals)
         else:
             out[k] = None
     return out
@@ -68,6 +69,7 @@ def collect_rows(cfg: ExperimentConfig, units: list[Unit], done: dict) -> list[d
                 "summary": _merge_chunks([done[u.key] for u in us], seed=cfg.seed),
                 "edit_seconds": sum(done[u.key]["edit_seconds"] for u in us),
                 "eval_seconds": sum(done[u.key]["eval_seconds"] for u in us),
+                "ppl": done[us[0].key].get("ppl"),  # the model of the first chunk's first edit
             }
             n = sum(done[u.key]["summary"].get("n_records") or 0 for u in us)
             rows.append(_row(cfg, None, res, method=m, layer=layer, batch_size=1, n_edits=n))

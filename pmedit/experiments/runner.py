@@ -220,7 +220,10 @@ class _Runner:
             edits = RankOneEdits(W, torch.stack([U[:, 0] for U, _ in factors]), torch.stack([V[:, 0] for _, V in factors]))
         else:
             edits = GroupDeltas(W, factors)
-        out = self.evaluate([self.records[i] for i in idx], edits=edits, with_ppl=False)
+        # Perplexity and GE of the model one singular edit makes (the chunk's first record), in the
+        # first chunk only: a rank-one edit barely moves them, and scoring every edit's model would
+        # cost more than the sweep itself.
+        out = self.evaluate([self.records[i] for i in idx], edits=edits, with_ppl=u.index == 0)
         out["edit_seconds"] = edit_s
         return out
 
