@@ -61,7 +61,7 @@ def independent_updates(editor, requests: Iterable[Any], group_size: int) -> Gro
     rep = BatchReport(index=0, n_edits=len(reqs), case_ids=[r.case_id for r in reqs], seconds=0.0,
                       value_losses=[], value_steps=[])
     groups = [reqs[s:s + group_size] for s in range(0, len(reqs), group_size)]
-    if method.solve_groups is not None:
+    if method.solve_groups is not None and (method.solve_groups_max is None or group_size <= method.solve_groups_max):
         ctx = editor.context_class(editor, rep, where="independent groups")
         Z, H = ctx.values(reqs, layer)
         K = ctx.keys(reqs, layer)

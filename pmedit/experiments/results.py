@@ -71,6 +71,9 @@ def collect_rows(cfg: ExperimentConfig, units: list[Unit], done: dict) -> list[d
                 "eval_seconds": sum(done[u.key]["eval_seconds"] for u in us),
                 "ppl": done[us[0].key].get("ppl"),  # the model of the first chunk's first edit
             }
+            for k in ("seconds_values", "seconds_keys", "seconds_solve", "unconverged"):
+                if all(k in done[u.key] for u in us):
+                    res[k] = sum(done[u.key][k] for u in us)
             n = sum(done[u.key]["summary"].get("n_records") or 0 for u in us)
             rows.append(_row(cfg, None, res, method=m, layer=layer, batch_size=1, n_edits=n))
     else:

@@ -197,23 +197,18 @@ class _Runner:
         return self.evaluate(self.records, probes=True)
 
     def _singular(self, u: Unit) -> dict:
+        """Each record of the chunk edited alone on the unedited model: the chunk's keys and values
+        in one batched computation (a value store shares them between methods), the closed
+        forms as independent groups of one (rank-one factors; a fine-tuned method's dense
+        update is edited, factored and restored one record at a time)."""
+        from pmedit.groups import independent_updates
+
         cs = self.cfg.chunk_size
         idx = range(u.index * cs, min((u.index + 1) * cs, len(self.records)))
         ed = self.editor(u.method, u.layer)
-        factors = []  # (u [d_out, r], v [d, r]) per edit: r = 1 for the closed forms
         t0 = time.perf_counter()
-        try:
-            for i in idx:
-                ed.edit([self.requests[i]], batch_size=1)
-                delta = ed.deltas()[u.layer]
-                try:
-                    u_vec, v_vec = rank_one_factors(delta)
-                    factors.append((u_vec[:, None], v_vec[:, None]))
-                except ValueError:  # fine-tuning (LocFT-BF) writes a dense update: keep all of it
-                    factors.append(low_rank_factors(delta, rtol=0.0))
-                ed.restore()
-        finally:
-            ed.restore()
+        up = independent_updates(ed, [self.requests[i] for i in idx], 1)
+        factors = up.factors  # (U [d_out, r], V [d, r]) per edit: r = 1 for the closed forms
         edit_s = time.perf_counter() - t0
         W = ed.spec.down_proj(self.model, u.layer)
         if all(U.shape[1] == 1 for U, _ in factors):
@@ -224,7 +219,10 @@ class _Runner:
         # first chunk only: a rank-one edit barely moves them, and scoring every edit's model would
         # cost more than the sweep itself.
         out = self.evaluate([self.records[i] for i in idx], edits=edits, with_ppl=u.index == 0)
-        out["edit_seconds"] = edit_s
+        rep = up.report
+        out.update(edit_seconds=edit_s, seconds_values=rep.seconds_values, seconds_keys=rep.seconds_keys,
+                   seconds_solve=rep.seconds_solve, unconverged=len(rep.unconverged),
+                   value_steps_mean=sum(rep.value_steps) / max(len(rep.value_steps), 1))
         return out
 
     def _batch(self, u: Unit, **hp_changes) -> dict:

@@ -44,7 +44,9 @@ class Method:
     whether the Editor must compute C0 and factor λ·C0 before the first edit. ``check_batch``
     runs before any expensive work of a batch (value optimisation) to refuse what cannot work.
     ``solve_groups(ctx, K, R, group_size)``: the updates of many independent batches of one layer
-    at once, as low-rank factors (pmedit.groups; optional). ``preservation_matrix(hp, C0)``:
+    at once, as low-rank factors (pmedit.groups; optional), for groups of at most
+    ``solve_groups_max`` edits (None: any; larger groups are edited one by one).
+    ``preservation_matrix(hp, C0)``:
     the matrix the Editor factors for each layer (default λ·C0;
     ENCORE adds μ·I).
     """
@@ -59,6 +61,7 @@ class Method:
     check_batch: Callable[[EditHparams, int, int], None] | None = None
     preservation_matrix: Callable[[EditHparams, torch.Tensor], torch.Tensor] | None = None
     solve_groups: Callable[[EditContext, torch.Tensor, torch.Tensor, int], list] | None = None
+    solve_groups_max: int | None = None
 
 
 class EditContext:

@@ -32,10 +32,22 @@ def edit_batch(ctx: EditContext, reqs: list) -> None:
             ctx.keep_keys(layer, K)
 
 
+def solve_groups(ctx: EditContext, K, R, group_size: int) -> list:
+    """Independent single edits (groups of one): the equality form with no ridge, kᵀC⁻¹k being
+    the 1×1 system, all solved together (a group of several is ROME's sequence, not this)."""
+    from pmedit.methods.memit import solve_groups as closed_form_groups
+
+    if group_size != 1:
+        raise ValueError(f"rome.solve_groups: ROME solves groups of one edit, got {group_size}")
+    return closed_form_groups(ctx, K, R, 1, ridge=0.0)
+
+
 METHOD = Method(
     name="rome",
     hparams=RomeHparams,
     edit_batch=edit_batch,
     sweep_field="lam",
     summary="rank-one equality update of one layer, one fact at a time",
+    solve_groups=solve_groups,
+    solve_groups_max=1,
 )
