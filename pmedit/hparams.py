@@ -33,7 +33,7 @@ MOM2_DTYPES = ("float32", "float64")
 # (tests/test_value_engines.py checks that these agree)
 VALUE_OBJECTIVES = ("pmedit", "memit")
 VALUE_ENGINES = ("full", "cached")
-VALUE_DTYPES = ("float32", "bfloat16")
+VALUE_DTYPES = ("float32", "bfloat16", "auto")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,7 +63,8 @@ class EditHparams:
     # value_objective: "pmedit", or "memit" (the MEMIT/EMMET authors' compute_z objective, term by
     # term in pmedit/value_objectives.py); value_engine "cached" computes what δ cannot change
     # once per row (pmedit/values_cached.py); value_dtype "bfloat16" runs the frozen model's
-    # per-step passes under autocast (δ, Adam and losses stay fp32)
+    # per-step passes under autocast (δ, Adam and losses stay fp32), "auto" only on hardware
+    # with native bf16 matmuls (pmedit.values.native_bf16), fp32 elsewhere
     value_objective: str = "pmedit"
     value_engine: str = "full"
     value_dtype: str = "float32"

@@ -108,6 +108,22 @@ def test_store_reuse_is_bit_identical_and_scoped(tiny, tmp_path):
     assert reopened.hits == 1 and reopened.misses == 3
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_auto_dtype_values_are_stored_under_the_dtype_that_computed_them(tiny, tmp_path, monkeypatch, native):
+    """value_dtype "auto" shares entries with the dtype it resolves to on this machine and never
+    with the other one (bf16 and fp32 values differ)."""
+    import pmedit.values as values_mod
+
+    monkeypatch.setattr(values_mod, "native_bf16", lambda device: native)
+    model, tok, c0 = tiny
+    store = ValueStore(tmp_path / "vs")
+    for dtype in ("auto", "bfloat16" if native else "float32", "float32" if native else "bfloat16"):
+        ed = _real_editor(model, tok, store, c0, value_engine="cached", value_dtype=dtype)
+        ed.edit(_reqs(2))
+        ed.restore()
+    assert (store.hits, store.misses) == (2 + 2 + 2, 4 + 2)  # keys always shared; values once more
+
+
 def test_killed_value_computation_resumes_bit_identically(tiny, tmp_path, monkeypatch):
     import pmedit.values as values_mod
 

@@ -224,6 +224,30 @@ def test_cached_bf16_stays_close(tiny, tok):
     assert not torch.equal(bf16.delta, fp32.delta)  # bf16 matmuls did run
 
 
+def test_auto_dtype_is_bf16_only_with_native_bf16(tiny, tok, monkeypatch):
+    """"auto" runs bf16 exactly where the CPU has AVX-512 BF16 or AMX (read here independently of
+    the code under test), and gives the values of the dtype it resolves to, bit for bit."""
+    from pathlib import Path
+
+    from pmedit import values
+
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        flags = []
+    native = "avx512_bf16" in flags or "amx_bf16" in flags
+    assert values.native_bf16("cpu") == native
+    assert values.resolve_value_dtype("auto", "cpu") == ("bfloat16" if native else "float32")
+    assert values.resolve_value_dtype("float32", "cpu") == "float32"
+    model, spec = tiny
+    kw = dict(steps=2, loss_stop=0.0, batch_size=3, engine="cached")
+    for has, want in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(values, "native_bf16", lambda device, has=has: has)
+        auto = optimize_values(model, tok, spec, LAYER, REQS, TEMPLATES, dtype="auto", **kw)
+        ref = optimize_values(model, tok, spec, LAYER, REQS, TEMPLATES, dtype=want, **kw)
+        assert torch.equal(auto.delta, ref.delta), want
+
+
 # ------------------------------------------------------------------------------------------ settings
 
 
@@ -241,7 +265,7 @@ def test_hparams_fields(monkeypatch):
     from pmedit.methods import base
 
     assert hparams.VALUE_OBJECTIVES == value_objectives.OBJECTIVES
-    assert hparams.VALUE_ENGINES == values.ENGINES and hparams.VALUE_DTYPES == tuple(values.DTYPES)
+    assert hparams.VALUE_ENGINES == values.ENGINES and hparams.VALUE_DTYPES == (*values.DTYPES, "auto")
     import inspect
 
     defaults = inspect.signature(values.optimize_values).parameters

@@ -222,16 +222,18 @@ class EditContext:
         to ``optimize_values`` (a method with its own stopping rule passes it here); the store
         keys entries by exactly those arguments.
         """
-        from pmedit.values import optimize_values
+        from pmedit.values import optimize_values, resolve_value_dtype
 
         hp, rep = self.hparams, self.report
         t0 = time.perf_counter()
         kwargs = dict(lr=hp.lr, steps=hp.steps, kl_factor=hp.kl_factor, weight_decay=hp.weight_decay,
                       clamp_norm_factor=hp.clamp_norm_factor, loss_stop=hp.loss_stop,
                       stop_on_argmax=hp.stop_on_argmax, batch_size=hp.value_batch_size)
-        # Only settings that differ from optimize_values' defaults, so stored entries keep their keys.
+        # Only settings that differ from optimize_values' defaults, so stored entries keep their keys;
+        # "auto" resolved first: the store keys values by the dtype that computed them.
+        dtype = resolve_value_dtype(hp.value_dtype, self.spec.down_proj(self.model, layer).weight.device)
         kwargs.update({k: v for k, v in (("objective", hp.value_objective), ("engine", hp.value_engine),
-                                         ("dtype", hp.value_dtype)) if v != _VALUE_DEFAULTS[k]})
+                                         ("dtype", dtype)) if v != _VALUE_DEFAULTS[k]})
         kwargs.update(options)
 
         def compute(chunk):
