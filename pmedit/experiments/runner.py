@@ -59,12 +59,16 @@ class Unit:
 def plan(cfg: ExperimentConfig) -> list[Unit]:
     units = [Unit("baseline", "baseline", layer=cfg.layers[0])] if cfg.baseline else []
     n = cfg.total_edits
-    for m in cfg.methods:
-        if cfg.experiment == "layer-sweep":
-            for layer in cfg.layers:
-                for c in range((n + cfg.chunk_size - 1) // cfg.chunk_size):
+    if cfg.experiment == "layer-sweep":
+        # chunk by chunk, every method on it in turn: the chunk's keys and values, computed for the
+        # first method, serve the others at once (and an interrupted sweep loses one chunk's worth)
+        for layer in cfg.layers:
+            for c in range((n + cfg.chunk_size - 1) // cfg.chunk_size):
+                for m in cfg.methods:
                     units.append(Unit(f"{m}/L{layer}/chunk{c}", "singular", m, layer, 1, c))
-        elif cfg.experiment == "batch":
+        return units
+    for m in cfg.methods:
+        if cfg.experiment == "batch":
             for b in cfg.batch_sizes:
                 units.append(Unit(f"{m}/B{b}", "batch", m, cfg.layers[0], b))
         elif cfg.experiment == "sequential-batch":
