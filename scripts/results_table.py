@@ -31,11 +31,14 @@ def cell(row: dict, key: str) -> str:
 def table(rows: list[dict], columns) -> str:
     cols = [c for c in columns if any(r.get(c) is not None for r in rows)]
     lam = any(r.get("lam") is not None for r in rows)  # a λ sweep: its x axis is a column
-    head = ["method"] + (["λ"] if lam else []) + ["B", "edits"] + [TITLES.get(c, c) for c in cols]
+    layers = len({r.get("layer") for r in rows if r.get("method") != "none"}) > 1  # a layer sweep: its x axis
+    head = (["method"] + (["layer"] if layers else []) + (["λ"] if lam else []) + ["B", "edits"]
+            + [TITLES.get(c, c) for c in cols])
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        out.append("| " + " | ".join([str(r.get("method"))] + ([f"{r['lam']:g}" if r.get("lam") is not None else "–"]
-                                                               if lam else [])
+        out.append("| " + " | ".join([str(r.get("method"))] + ([str(r.get("layer"))] if layers else [])
+                                     + ([f"{r['lam']:g}" if r.get("lam") is not None else "–"]
+                                        if lam else [])
                                      + [str(r.get("batch_size")), str(r.get("n_edits"))]
                                      + [cell(r, c) for c in cols]) + " |")
     return "\n".join(out)
