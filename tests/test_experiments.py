@@ -420,12 +420,17 @@ def test_layer_sweep_perplexity_is_that_of_the_first_singular_edit(toy, tmp_path
     model, tok, data, c0 = toy
     text = tmp_path / "heldout.txt"
     text.write_text("The city lies on a river. It has a bridge and a market. " * 20)
-    ev = {"batch_size": 8, "perplexity": True, "ppl_text": str(text), "ppl_tokens": 64, "ppl_window": 32}
+    ev = {"batch_size": 8, "perplexity": True, "ppl_text": str(text), "ppl_tokens": 64, "ppl_window": 32,
+          "ge_data": str(data), "ge_records": 3, "gen_length": 6}
     cfg = _cfg(data, experiment="layer-sweep", layers=[1], total_edits=3, chunk_size=2, baseline=False, eval=ev)
     (row,) = run_experiment(cfg, model=model, tokenizer=tok, out_dir=tmp_path / "r", progress=False,
                             second_moments=c0, plot=False)["rows"]
     units = _units(tmp_path / "r")
     assert units["memit/L1/chunk0"]["ppl"] is not None and units["memit/L1/chunk1"].get("ppl") is None
+    first_ge = units["memit/L1/chunk0"]["summary"]
+    assert units["memit/L1/chunk1"]["summary"].get("ge") is None  # GE, like ppl, in the first chunk only
+    for k in ("ge", "ge_lo", "ge_hi"):
+        assert first_ge[k] is not None and row[k] == pytest.approx(first_ge[k], rel=1e-12), k
     texts = load_heldout_text(text, max_chars=64 * 8)
     before = perplexity(model, tok, texts, max_tokens=64, window=32)["ppl"]
     ed = Editor(model, tok, hparams=cfg.edit_hparams("memit").replace(layers=[1]), second_moments={1: c0[1]},

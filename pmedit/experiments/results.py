@@ -41,12 +41,12 @@ def _merge_chunks(chunks: list[dict], seed: int = 0) -> dict:
     n = [c["summary"].get("n_records") or 0 for c in chunks]
     out["n_records"] = sum(n)
     for k in dict.fromkeys(k for c in chunks for k in c["summary"]):
-        if k in out:
+        if out.get(k) is not None:
             continue
-        vals = [(c["summary"].get(k), w) for c, w in zip(chunks, n) if k in c["summary"]]
+        vals = [(c["summary"][k], w) for c, w in zip(chunks, n) if c["summary"].get(k) is not None]
         if k.endswith("_seconds"):
             out[k] = sum(v for v, _ in vals if v is not None)
-        elif all(isinstance(v, (int, float)) for v, _ in vals) and sum(w for _, w in vals):
+        elif vals and all(isinstance(v, (int, float)) for v, _ in vals) and sum(w for _, w in vals):
             out[k] = sum(v * w for v, w in vals) / sum(w for _, w in vals)
         else:
             out[k] = None
