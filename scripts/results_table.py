@@ -48,13 +48,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--columns", default=",".join(DEFAULT), help="comma-separated row keys")
+    ap.add_argument("--plot", type=Path, help="also draw the rows (the run's own figure) into this PNG")
     args = ap.parse_args(argv)
+    from pmedit.experiments import ExperimentConfig, plan
+
     path = args.run_dir / "results.json"
     try:
         if path.is_file():
-            rows = json.loads(path.read_text())["rows"]
+            res = json.loads(path.read_text())
+            rows = res["rows"]
+            cfg = ExperimentConfig.from_dict(res["config"], source=str(path))
         else:  # a run in progress: the rows of the units finished so far
-            from pmedit.experiments import ExperimentConfig, plan
             from pmedit.experiments.results import collect_rows
 
             path = args.run_dir / "state.json"
@@ -65,6 +69,10 @@ def main(argv=None) -> int:
         print(f"{path}: cannot read result rows ({e})", file=sys.stderr)
         return 2
     print(table(rows, args.columns.split(",")))
+    if args.plot is not None:
+        from pmedit.experiments.plots import plot_rows
+
+        print(f"plot: {plot_rows(cfg, rows, args.plot)}", file=sys.stderr)
     return 0
 
 

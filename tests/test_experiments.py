@@ -309,6 +309,12 @@ def test_sequential_checkpoints_every_max_records_and_probes(toy, tmp_path):
     md = mod.table(rows, mod.DEFAULT).splitlines()
     assert len(md) == 2 + len(rows) and md[0].startswith("| method | B | edits | ES | PS | NS | S | ppl")
     assert f"{rows[-1]['es']:.1f} [{rows[-1]['es_lo']:.1f}, {rows[-1]['es_hi']:.1f}]" in md[-1]
+    # a run in progress (state only): its table and figure from the finished units
+    mid = tmp_path / "mid"
+    mid.mkdir()
+    (mid / "state.json").write_text((tmp_path / "r" / "state.json").read_text())
+    assert mod.main([str(mid), "--plot", str(mid / "so-far.png")]) == 0
+    assert (mid / "so-far.png").stat().st_size > 0
 
 
 def test_budget_skips_and_lists_metric_sets(toy, tmp_path):
