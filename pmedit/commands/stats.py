@@ -122,14 +122,16 @@ def run(args: argparse.Namespace) -> int:
         from pmedit import stats_distributed as D
 
         rank, world, device = D.init_from_env(args.device, timeout_s=args.dist_timeout)
-    try:
-        return _run(args, S, root, corpus, dtype, device, rank, world, t0)
-    finally:
-        if world > 1 or "RANK" in os.environ:
-            import torch.distributed as dist
+    rc = _run(args, S, root, corpus, dtype, device, rank, world, t0)
+    # Only a clean finish tears the group down: after an error the peers may be anywhere in a
+    # collective, and gloo's teardown then aborts the process (SIGABRT) instead of letting it
+    # report the error; the process exit releases the group.
+    if world > 1 or "RANK" in os.environ:
+        import torch.distributed as dist
 
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return rc
 
 
 def _run(args, S, root, corpus, dtype, device, rank, world, t0) -> int:
