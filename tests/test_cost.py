@@ -83,6 +83,19 @@ def test_sequential_counts(smollm2, data):
     assert w.scored_records == 4 + 2 * (2 + 4)
 
 
+def test_layer_sweep_counts_values_at_every_layer(smollm2, data):
+    """A layer sweep optimises each record's value once per layer (shared by the methods); its
+    value FLOPs are the sum of each layer's, through the token-weighted mean layer."""
+    _, tok = smollm2
+    cfg = _cfg(data, experiment="layer-sweep", layers=[1, 5], methods=["rome", "emmet"], chunk_size=2, baseline=False)
+    w = count_work(cfg, tok, TEMPLATES[:1])
+    rows, _ = _direct_tokens(tok, data)
+    assert w.value_optimisations == 2 * 4 and w.value_row_tokens == 2 * sum(rows)
+    assert w.layer_of_edits == pytest.approx(3.0)
+    one = {layer: flops(w, LLAMA3_8B, layer=layer)["values"] for layer in (1, 5)}
+    assert flops(w, LLAMA3_8B)["values"] == pytest.approx((one[1] + one[5]) / 2, rel=1e-12)
+
+
 def test_shape_counts_parameters_and_flops():
     m = make_tiny_llama(hidden=64, intermediate=96, layers=3, vocab=128)
     s = Shape.from_hf_config(m.config)

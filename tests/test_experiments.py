@@ -360,6 +360,8 @@ def test_layer_sweep_chunks_merge_to_one_chunk(toy, tmp_path):
                                      second_moments=c0, plot=False)["rows"]
     a, b = _metrics([rows[1]])[0], _metrics([rows[3]])[0]
     assert a.keys() == b.keys() and "score_lo" in a
+    for r in rows.values():  # the chunks' mean Adam steps, weighted by their edits (for the cost model)
+        assert 0 < r["value_steps_mean"] <= cfg.edit_hparams(cfg.methods[0]).steps
     for k, v in a.items():
         if isinstance(v, float):
             assert v == pytest.approx(b[k], abs=1e-9), k

@@ -71,7 +71,7 @@ class Work:
     needs somewhat fewer tokens for the same English text, so counts are slightly high)."""
 
     experiment: str
-    layer_of_edits: int
+    layer_of_edits: float  # mean edited layer over the value rows' tokens (a layer sweep spans several)
     value_optimisations: int  # computed ones: the store serves every repeat on unedited weights
     value_row_tokens: int  # Σ over those edits of the tokens of all their rows (one step)
     value_target_tokens: int  # Σ target tokens (where logits are needed each step)
@@ -152,7 +152,10 @@ def count_work(cfg: ExperimentConfig, tok, templates: list[str], records=None) -
                 model_level += 1
     mean_score = sum(score_tok) / len(score_tok)
     return Work(
-        experiment=cfg.experiment, layer_of_edits=cfg.layers[0],
+        experiment=cfg.experiment,
+        # FLOPs are linear in the layer, so the token-weighted mean layer gives the exact total
+        layer_of_edits=(sum(row_tok[i] * layer for i, layer, _ in values) / max(sum(row_tok[i] for i, _, _ in values), 1)
+                        if values else float(cfg.layers[0])),
         value_optimisations=len(values),
         value_row_tokens=sum(row_tok[i] for i, _, _ in values),
         value_target_tokens=sum(tgt_tok[i] for i, _, _ in values),
@@ -174,7 +177,7 @@ def flops(w: Work, shape: Shape, layer: int | None = None, value_steps: float | 
     layer = w.layer_of_edits if layer is None else layer
     steps = w.value_steps if value_steps is None else value_steps
     P, H = shape.layer_params, shape.head_params
-    above = max(shape.layers - layer - 1, 0)
+    above = max(shape.layers - layer - 1, 0.0)
     full = 2 * (shape.layers * P + H)
     d = shape.intermediate
     solve = sum(g * (2 * d * d * b + 2 * d * b * b + b ** 3 / 3) for b, g in w.groups)
