@@ -183,3 +183,19 @@ def test_entries_from_other_code_are_never_used(tiny, tmp_path, monkeypatch):
     ed.edit(_reqs(1))
     ed.restore()
     assert (store.hits, store.misses) == (1, 3)  # the key is reused, the value recomputed
+
+
+@pytest.mark.parametrize("lam,lam_e", [(100.0, 0.1), (100.0, 10.0), (3.0, 0.5)])
+def test_emmet_is_memit_at_the_product_of_its_weights(lam, lam_e):
+    """On one layer EMMET (C = λ·C0, ridge λₑ) and MEMIT (C = λ'·C0, ridge 1) write the same Δ
+    when λ' = λ·λₑ: both are R (KᵀC0⁻¹K + ρI)⁻¹KᵀC0⁻¹ with ρ = λλₑ resp. λ'. The λ sweep's
+    EMMET rows therefore repeat its MEMIT rows shifted by the factor λ (docs/experiments.md)."""
+    syn = Synthetic()
+    reqs = _requests(6)
+    deltas = {}
+    for method, hp in (("emmet", {"lam": lam, "lam_e": lam_e}), ("memit", {"lam": lam * lam_e})):
+        ed = _tiny_editor(make_tiny_llama(seed=5).double(), syn, method=method, **hp)
+        ed.edit(reqs)
+        deltas[method] = ed.deltas()[1]
+    want = deltas["memit"]
+    assert float((deltas["emmet"] - want).norm() / want.norm()) < 1e-10
