@@ -48,8 +48,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-from pathlib import Path
+from functools import lru_cache
 
 import torch
 from torch import nn
@@ -77,11 +76,22 @@ def native_bf16(device: torch.device | str) -> bool:
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     if device.type != "cpu":
         return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:  # not Linux: no cheap, reliable probe; fp32 is never the slow choice
-        return False
+    flags = _cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
+    """The first CPU's feature flags (Linux), read once per process: every value batch asks.
+    Empty elsewhere: no cheap, reliable probe, and fp32 is never the slow choice."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
 
 
 def resolve_value_dtype(dtype: str, device: torch.device | str) -> str:

@@ -74,10 +74,10 @@ def collect_rows(cfg: ExperimentConfig, units: list[Unit], done: dict) -> list[d
             for k in ("seconds_values", "seconds_keys", "seconds_solve", "unconverged"):
                 if all(k in done[u.key] for u in us):
                     res[k] = sum(done[u.key][k] for u in us)
+            per_chunk = [done[u.key]["summary"].get("n_records") or 0 for u in us]
+            n = sum(per_chunk)
             if all(done[u.key].get("value_steps_mean") is not None for u in us):  # weighted by the chunks' edits
-                w = [done[u.key]["summary"].get("n_records") or 0 for u in us]
-                res["value_steps_mean"] = sum(done[u.key]["value_steps_mean"] * k for u, k in zip(us, w)) / max(sum(w), 1)
-            n = sum(done[u.key]["summary"].get("n_records") or 0 for u in us)
+                res["value_steps_mean"] = sum(done[u.key]["value_steps_mean"] * k for u, k in zip(us, per_chunk)) / max(n, 1)
             rows.append(_row(cfg, None, res, method=m, layer=layer, batch_size=1, n_edits=n))
     else:
         for u in units:
