@@ -12,7 +12,10 @@ once the run state records a later one, so a kill between the two writes loses n
 - ``layer-sweep``: each record edited alone on each layer (singular edits; a closed form's delta
   is rank one and is evaluated through a per-row hook, see :class:`pmedit.evaluation.hooks.RankOneEdits`;
   a fine-tuned one (LocFT-BF) is dense and goes through :class:`~pmedit.evaluation.hooks.GroupDeltas`).
-- ``batch``: the first B records in one batch, scored on those B, for each B.
+- ``batch``: for each B, the N records in N/B independent batches, each applied to the unedited
+  model and every record scored under its own batch's update (``batch_protocol="independent"``,
+  the default; see :mod:`pmedit.groups`), or the study's literal protocol, the first B records in
+  one batch scored on those B (``"first-b"``).
 - ``sequential-batch``: all ``total_edits`` records in sequential batches of B, scored after
   the batches that reach an ``eval_points`` count (and at the end) on all edits so far.
 - ``lambda-sweep``: one batch with the method's ``sweep_field`` (MEMIT's and ROME's ``lam``,
