@@ -10,9 +10,10 @@ where one plot says more than two tables.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+from pmedit.fileio import atomic_path, read_json
 
 METRICS = (("es", "ES"), ("ps", "PS"), ("ns", "NS"), ("score", "S"))
 
@@ -49,7 +50,10 @@ def pick(run: Path, where: dict[str, str]) -> dict:
     path = run / "results.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no results (has the run finished?)")
-    rows = json.loads(path.read_text())["rows"]
+    res = read_json(path, what="results")
+    rows = res.get("rows") if isinstance(res, dict) else None
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: no 'rows' list (not a pmedit experiment's results)")
     hits = [r for r in rows if _matches(r, where)]
     if len(hits) != 1:
         raise ValueError(f"{path}: {len(hits)} rows match {where} (need exactly one)")
@@ -78,10 +82,11 @@ def plot(out: Path, picked: list[tuple[str, dict]]) -> None:
     axp.set_xticks(range(len(picked)), [str(i + 1) for i in range(len(picked))])
     axp.set_title("perplexity (bar n = legend entry n)", fontsize=8)
     fig.tight_layout()
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out)
+    try:
+        with atomic_path(out, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def main(argv=None) -> int:

@@ -27,7 +27,7 @@ def test_picks_one_row_per_argument_and_writes_the_plot(tmp_path, capsys):
     b = _run(tmp_path, "b", [_row("emmet", None, 90.0)])
     out = tmp_path / "cmp.png"
     assert compare_rows.main([str(out), f"{a}:method=memit,lam=100@ridge=100", f"{b}:method=emmet@other"]) == 0
-    assert out.stat().st_size > 0 and not list(tmp_path.glob("*.tmp.png"))
+    assert out.stat().st_size > 0 and not list(tmp_path.glob(".*.tmp.png"))
     printed = capsys.readouterr().out
     assert "ridge=100: ES 80.0" in printed and "other: ES 90.0" in printed  # '=' in a label is kept
 
@@ -42,3 +42,12 @@ def test_a_spec_that_does_not_pick_exactly_one_row_is_an_error(tmp_path, capsys,
     out = tmp_path / "cmp.png"
     assert compare_rows.main([str(out), spec.format(a=a)]) == 2
     assert msg in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("text, msg", [("[1, 2]", "no 'rows' list"), ("{\"rows\": ", "invalid JSON")])
+def test_a_results_file_that_is_not_a_runs_results_is_an_error(tmp_path, capsys, text, msg):
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "results.json").write_text(text)
+    assert compare_rows.main([str(tmp_path / "cmp.png"), f"{d}:method=memit@x"]) == 2
+    assert msg in capsys.readouterr().err
