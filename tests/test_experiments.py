@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_llama
-from pmedit.experiments import ExperimentConfig, plan, run_experiment
+from pmedit.experiments import ExperimentConfig, plan, report_experiment, run_experiment
 
 pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 
@@ -98,14 +98,24 @@ def test_interrupted_run_resumes_to_the_same_result(toy, tmp_path, kw, stop_afte
                        on_unit=_interrupt_after(stop_after))
     # an interruption leaves the caller's model unedited
     assert all(torch.equal(p, w0[n]) for n, p in model.named_parameters())
-    state = json.loads((tmp_path / "b" / "state.json").read_text())
+    state_bytes = (tmp_path / "b" / "state.json").read_bytes()
+    state = json.loads(state_bytes)
     assert len(state["units"]) == stop_after
+    # a report of the finished units: rows of the full run, the state only read
+    rep = report_experiment(cfg, out_dir=tmp_path / "b", plot=False)
+    assert rep["units"] == {"done": stop_after, "total": len(plan(cfg))}
+    assert all(r in _metrics(full["rows"]) for r in _metrics(rep["rows"]))
+    assert len(rep["rows"]) < len(full["rows"])
+    assert (tmp_path / "b" / "state.json").read_bytes() == state_bytes
+    assert json.loads((tmp_path / "b" / "results.json").read_text())["units"]["done"] == stop_after
     resumed = run_experiment(cfg, model=model, tokenizer=tok, out_dir=tmp_path / "b", progress=False,
                              second_moments=c0)
     assert _metrics(resumed["rows"]) == _metrics(full["rows"])
     assert all(torch.equal(p, w0[n]) for n, p in model.named_parameters())
     for name in ("results.json", "results.csv", f"{cfg.experiment}.png"):
         assert (tmp_path / "b" / name).stat().st_size > 0
+    n = len(plan(cfg))
+    assert json.loads((tmp_path / "b" / "results.json").read_text())["units"] == {"done": n, "total": n}
     csv_lines = (tmp_path / "b" / "results.csv").read_text().splitlines()
     assert len(csv_lines) == len(full["rows"]) + 1
     assert full["rows"][0]["method"] == "none"  # the unedited baseline comes first
@@ -150,6 +160,11 @@ def test_plan_and_resume_guard(toy, tmp_path):
     RunStore(tmp_path, seq.to_dict())
     with pytest.raises(ValueError, match=r"different config \(fields \['batch_sizes'\] differ\)"):
         RunStore(tmp_path, _cfg(data, experiment="sequential-batch", batch_sizes=[4]).to_dict())
+    # a report reads a run of its own config only
+    with pytest.raises(ValueError, match="different config"):
+        report_experiment(_cfg(data, experiment="sequential-batch", batch_sizes=[4]), out_dir=tmp_path, plot=False)
+    with pytest.raises(FileNotFoundError, match="no run state"):
+        report_experiment(seq, out_dir=tmp_path / "elsewhere", plot=False)
 
 
 @pytest.mark.parametrize(
@@ -201,6 +216,13 @@ def test_cli_end_to_end(smollm2, tmp_path, monkeypatch):
     assert len(rows) == 1 and rows[0]["method"] == "emmet" and rows[0]["n_edits"] == 2
     assert 0.0 <= rows[0]["es"] <= 100.0
     assert (tmp_path / "run" / "batch.png").is_file()
+    # --report rewrites the results from the run state without running; no state: exit 2
+    (tmp_path / "run" / "results.json").unlink()
+    assert main(["experiment", "batch", "--config", str(cpath), "--report", "--no-plot"]) == 0
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["rows"] == rows and res["units"] == {"done": 1, "total": 1}
+    assert main(["experiment", "batch", "--config", str(cpath), "--report", "--out-dir", str(tmp_path / "none")]) == 2
+    assert not (tmp_path / "none").exists()
     # the name on the command line must match the config
     assert main(["experiment", "layer-sweep", "--config", str(cpath), "--no-progress"]) == 2
 

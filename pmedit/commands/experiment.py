@@ -3,7 +3,8 @@
 NAME is one of layer-sweep, batch, sequential-batch, lambda-sweep and must match the config's
 ``experiment`` field (or fills it when the config leaves it out). Running the same command
 again after an interruption resumes at the next unfinished unit; results (JSON, CSV, PNG) land
-in the config's ``out_dir`` (default ``runs/NAME``).
+in the config's ``out_dir`` (default ``runs/NAME``). ``--report`` writes them for the units
+finished so far, without running anything (a run that spans sessions, or one still running).
 """
 from __future__ import annotations
 
@@ -25,13 +26,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--total-edits", type=int, default=None, help="override total_edits")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument("--report", action="store_true",
+                   help="write results (JSON, CSV, PNG) of the units finished so far; run nothing")
 
 
 def run(args: argparse.Namespace) -> int:
-    from pmedit.experiments import run_experiment
+    from pmedit.experiments import report_experiment, run_experiment
 
     cfg = _load(args)  # a bad config ends in pmedit.cli as one line naming the file, exit code 2
-    out = run_experiment(cfg, out_dir=args.out_dir, progress=not args.no_progress, plot=not args.no_plot)
+    if args.report:
+        out = report_experiment(cfg, out_dir=args.out_dir, plot=not args.no_plot)
+        print(f"{out['units']['done']} of {out['units']['total']} units done")
+    else:
+        out = run_experiment(cfg, out_dir=args.out_dir, progress=not args.no_progress, plot=not args.no_plot)
     cols = ["method", "layer", "batch_size", "lam", "n_edits", "es", "ps", "ns", "score", "ppl", "ge"]
     present = [c for c in cols if any(r.get(c) is not None for r in out["rows"])]
     print("  ".join(f"{c:>10s}" for c in present))

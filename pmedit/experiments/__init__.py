@@ -8,6 +8,6 @@ GPU, thousands); only the config changes.
 Not here: editing (:mod:`pmedit.editor`) and metrics (:mod:`pmedit.evaluation`).
 """
 from pmedit.experiments.config import EXPERIMENTS, EvalSettings, ExperimentConfig
-from pmedit.experiments.runner import plan, run_experiment
+from pmedit.experiments.runner import plan, report_experiment, run_experiment
 
-__all__ = ["EXPERIMENTS", "EvalSettings", "ExperimentConfig", "plan", "run_experiment"]
+__all__ = ["EXPERIMENTS", "EvalSettings", "ExperimentConfig", "plan", "report_experiment", "run_experiment"]

@@ -105,12 +105,14 @@ def store_summary(store) -> dict | None:
 
 
 def write_results(cfg: ExperimentConfig, root: Path, rows: list[dict], plot: bool, *,
-                   value_store: dict | None = None, conflicts_dropped: int = 0) -> dict:
-
+                   value_store: dict | None = None, conflicts_dropped: int = 0,
+                   units: dict | None = None) -> dict:
+    """``units`` ({"done", "total"}) tells a report of a run in progress from a finished run."""
     atomic_write_json(root / "results.json", {"config": cfg.to_dict(), "machine": machine_info(), "rows": rows,
-                                              "value_store": value_store, "conflicts_dropped": conflicts_dropped})
+                                              "value_store": value_store, "conflicts_dropped": conflicts_dropped,
+                                              "units": units})
     write_csv(root / "results.csv", rows)
-    out = {"rows": rows, "out_dir": str(root), "value_store": value_store}
+    out = {"rows": rows, "out_dir": str(root), "value_store": value_store, "units": units}
     if plot:
         from pmedit.experiments.plots import plot_progress, plot_rows
 

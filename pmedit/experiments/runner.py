@@ -415,4 +415,21 @@ def run_experiment(
         bar.close()
     rows = collect_rows(cfg, units, store.units)
     return write_results(cfg, root, rows, plot, value_store=store_summary(runner.value_store),
-                          conflicts_dropped=runner.n_conflicts_dropped)
+                          conflicts_dropped=runner.n_conflicts_dropped,
+                          units={"done": len(units), "total": len(units)})
+
+
+def report_experiment(cfg: ExperimentConfig, *, out_dir: str | Path | None = None, plot: bool = True) -> dict:
+    """Write results.json, results.csv and the PNG of the units ``cfg``'s run directory has
+    finished so far, without loading a model or running anything, so a run that takes several
+    sessions (or is still running) can be read and committed part by part. A row appears once
+    its unit is done; ``units`` in the result says how far the run has come. The state is only
+    read: a run in progress may go on, and overwrites these files when it ends."""
+    root = Path(out_dir or cfg.out_dir or Path("runs") / cfg.experiment)
+    if not (root / "state.json").is_file():
+        raise FileNotFoundError(f"{root}: no run state (state.json) to report; run the experiment first")
+    store = RunStore(root, cfg.to_dict())  # refuses a directory that holds a run of another config
+    units = plan(cfg)
+    done = sum(u.key in store for u in units)
+    rows = collect_rows(cfg, units, store.units)
+    return write_results(cfg, root, rows, plot, units={"done": done, "total": len(units)})

@@ -55,7 +55,7 @@ class RunStore:
                     "use another out_dir or delete it to start over"
                 )
             self.units: dict[str, Any] = state.get("units", {})
-            log.info("resuming %s: %d unit(s) already done", self.root, len(self.units))
+            log.info("%s: %d unit(s) already done", self.root, len(self.units))
         else:
             self.units = {}
             self._save()
