@@ -364,6 +364,10 @@ def _first_group(edits):
 # ------------------------------------------------------------------------------ entry
 
 
+def _run_dir(cfg: ExperimentConfig, out_dir: str | Path | None) -> Path:
+    return Path(out_dir or cfg.out_dir or Path("runs") / cfg.experiment)
+
+
 def run_experiment(
     cfg: ExperimentConfig,
     *,
@@ -383,7 +387,7 @@ def run_experiment(
     from it to simulate an interruption). ``second_moments``: {layer: C0} instead of collected
     statistics (toy runs).
     """
-    root = Path(out_dir or cfg.out_dir or Path("runs") / cfg.experiment)
+    root = _run_dir(cfg, out_dir)
     store = RunStore(root, cfg.to_dict())
     if model is None:
         from pmedit.models import load_model
@@ -425,7 +429,7 @@ def report_experiment(cfg: ExperimentConfig, *, out_dir: str | Path | None = Non
     sessions (or is still running) can be read and committed part by part. A row appears once
     its unit is done; ``units`` in the result says how far the run has come. The state is only
     read: a run in progress may go on, and overwrites these files when it ends."""
-    root = Path(out_dir or cfg.out_dir or Path("runs") / cfg.experiment)
+    root = _run_dir(cfg, out_dir)
     if not (root / "state.json").is_file():
         raise FileNotFoundError(f"{root}: no run state (state.json) to report; run the experiment first")
     store = RunStore(root, cfg.to_dict())  # refuses a directory that holds a run of another config
